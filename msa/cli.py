@@ -1,0 +1,44 @@
+"""``msa COMMAND``: the administrator's entry point.
+
+Each command lives in its own module and exposes ``main(argv) -> int``;
+this file only dispatches, so commands can be added without touching each
+other. Exit codes are sysexits (``msa.sysexits``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "daemon": ("msa.daemon", "run edge, watcher and runner together"),
+    "edge": ("msa.daemon", "run the SMTP submission listeners only"),
+    "watch": ("msa.daemon", "run the policy-stage watcher only"),
+    "deliver": ("msa.daemon", "run the delivery runner only"),
+    "queue": ("msa.queuecmd", "list, show, delete, hold, release, flush"),
+    "user": ("msa.usercmd", "add, remove, list users; set a password"),
+    "demo": ("msa.demo", "set up and run a working loopback instance"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: msa COMMAND [options]  (msa COMMAND --help)", ""]
+    lines += [f"  {name:<8} {doc}" for name, (_, doc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 64
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"msa: unknown command {name!r}\n{usage()}", file=sys.stderr)
+        return 64
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main([name, *rest]) if module.__name__ == "msa.daemon" else module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

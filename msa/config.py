@@ -1,0 +1,211 @@
+"""Configuration: one TOML file, loaded once by a command, passed down as
+plain values (dataclasses). Nothing else in msa reads the file.
+
+Where the file is: ``--config PATH`` on any command, else ``$MSA_CONFIG``,
+else ``/etc/msa/msa.toml`` when it exists, else built-in defaults whose
+spool is ``./var/spool`` under the current directory. Relative paths in the
+file are relative to the file's directory. Every section and key is
+documented in ``man/msa.toml.5``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = "/etc/msa/msa.toml"
+
+# The spool's fixed stages, in the order a message moves through them.
+# Policy stages (one directory per configured policy) sit between the
+# inputs and ``active``.
+INPUT_STAGES = ("maildrop", "incoming")
+ACTIVE = "active"
+
+
+class ConfigError(Exception):
+    """The config file is missing, unreadable or has a bad value."""
+
+
+@dataclass
+class SpoolConfig:
+    root: str = "var/spool"
+
+
+@dataclass
+class ServerConfig:
+    hostname: str = field(default_factory=socket.getfqdn)
+    # Domain appended to bare recipients ("root" from cron) and to local
+    # senders without a domain.
+    domain: str = ""
+
+
+@dataclass
+class EdgeConfig:
+    submission: list[str] = field(default_factory=lambda: ["127.0.0.1:587", "[::1]:587"])
+    submissions: list[str] = field(default_factory=lambda: ["127.0.0.1:465", "[::1]:465"])
+    certfile: str = ""
+    keyfile: str = ""
+    max_message_size: int = 50 * 1024 * 1024 + 1024 * 1024
+    max_recipients: int = 1000
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    max_errors: int = 10
+    max_auth_failures: int = 3
+    auth_failure_delay: float = 1.0
+    max_connections: int = 2000
+
+
+@dataclass
+class AuthConfig:
+    passwd_file: str = "passwd"
+    # user -> list of addresses or "@domain" patterns they may send as.
+    senders: dict[str, list[str]] = field(default_factory=dict)
+    # A user may always send as user@<server.domain> and their login name
+    # when it is an address.
+    allow_login_address: bool = True
+
+
+@dataclass
+class PoliciesConfig:
+    # Ordered; each name is a policy stage (a directory under the spool).
+    stages: list[str] = field(default_factory=lambda: ["headers", "forward", "split"])
+    add_date: bool = True
+    add_message_id: bool = True
+    add_received: bool = True
+    remove_bcc: bool = True
+    # Forward: list of [regex, replacement] applied to each recipient.
+    forward: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
+class RelayConfig:
+    resolver: list[str] = field(default_factory=list)  # "127.0.0.1:15353"; empty: system
+    dns_timeout: float = 10.0
+    port: int = 25
+    ehlo_name: str = ""
+    connect_timeout: float = 20.0
+    command_timeout: float = 10.0
+    data_timeout: float = 20.0
+    idle_timeout: float = 30.0
+    tls: str = "opportunistic"  # "opportunistic", "required", "none"
+    tls_required_domains: list[str] = field(default_factory=list)
+    cafile: str = ""
+    force_mx: dict[str, str] = field(default_factory=dict)  # domain -> host[:port]
+    smarthost: str = ""
+    smarthost_user: str = ""
+    smarthost_password: str = ""
+    smarthost_password_file: str = ""
+    smarthost_tls: str = "required"
+    max_connections: int = 50
+    max_connections_per_domain: int = 10
+    max_messages_per_connection: int = 100
+
+
+@dataclass
+class RetryConfig:
+    min_delay: float = 300.0
+    max_delay: float = 4000.0
+    factor: float = 2.0
+    jitter: float = 0.1
+    lifetime: float = 5 * 86400.0
+    bounce_lifetime: float = 5 * 86400.0
+    delay_warning: float = 0.0  # 0: no delay warnings
+    scan_interval: float = 300.0
+
+
+@dataclass
+class DaemonConfig:
+    pidfile: str = ""
+    user: str = ""
+    group: str = ""
+    log: str = "stderr"  # "stderr" or "syslog"
+    log_level: str = "info"
+    control_socket: str = ""  # default: <spool>/control
+
+
+@dataclass
+class Config:
+    path: str = ""
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    policies: PoliciesConfig = field(default_factory=PoliciesConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+
+    @property
+    def domain(self) -> str:
+        return self.server.domain or self.server.hostname
+
+    def stages(self) -> list[str]:
+        """Every stage directory of the spool, in the order mail moves."""
+        return [*INPUT_STAGES, *(f"policy-{n}" for n in self.policies.stages), ACTIVE]
+
+    def control_socket(self) -> str:
+        return self.daemon.control_socket or os.path.join(self.spool.root, "control")
+
+
+_PATH_KEYS = {("spool", "root"), ("edge", "certfile"), ("edge", "keyfile"),
+              ("auth", "passwd_file"), ("relay", "cafile"),
+              ("relay", "smarthost_password_file"), ("daemon", "pidfile"),
+              ("daemon", "control_socket")}
+
+
+def find_path(explicit: str | None = None) -> str | None:
+    if explicit:
+        return explicit
+    if os.environ.get("MSA_CONFIG"):
+        return os.environ["MSA_CONFIG"]
+    if os.path.exists(DEFAULT_PATH):
+        return DEFAULT_PATH
+    return None
+
+
+def load(explicit: str | None = None) -> Config:
+    """Load the config file (see module docstring for where it is)."""
+    path = find_path(explicit)
+    if path is None:
+        return from_dict({}, base=os.getcwd())
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    cfg = from_dict(data, base=os.path.dirname(os.path.abspath(path)))
+    cfg.path = os.path.abspath(path)
+    return cfg
+
+
+def from_dict(data: dict[str, Any], base: str = ".") -> Config:
+    """Build a Config from parsed TOML; unknown sections or keys are errors."""
+    cfg = Config()
+    for section, values in data.items():
+        sub = getattr(cfg, section, None)
+        if not dataclasses.is_dataclass(sub) or not isinstance(values, dict):
+            raise ConfigError(f"unknown section [{section}]")
+        names = {f.name: f for f in dataclasses.fields(sub)}
+        for key, value in values.items():
+            if key not in names:
+                raise ConfigError(f"unknown key {section}.{key}")
+            default = getattr(sub, key)
+            if isinstance(default, bool) != isinstance(value, bool) or (
+                    isinstance(default, (int, float)) and not isinstance(value, (int, float))) or (
+                    isinstance(default, (str, list, dict)) and not isinstance(value, type(default))):
+                raise ConfigError(f"{section}.{key}: expected {type(default).__name__}, "
+                                  f"got {type(value).__name__}")
+            setattr(sub, key, value)
+    for section, key in _PATH_KEYS:
+        sub = getattr(cfg, section)
+        value = getattr(sub, key)
+        if value and not os.path.isabs(value):
+            setattr(sub, key, os.path.normpath(os.path.join(base, value)))
+    return cfg

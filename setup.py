@@ -1,0 +1,28 @@
+from setuptools import setup
+
+setup(
+    name="msa",
+    version="0.1.0",
+    description="A mail submission agent: SMTP submission, sendmail, a durable spool and an MX relay",
+    packages=["msa", "spool"],
+    python_requires=">=3.11",
+    install_requires=[
+        "aiosmtpd>=1.4",
+        "aiosmtplib>=3.0",
+        "dnspython>=2.4",
+        "filelock>=3.12",
+        "inotify_simple>=1.3",
+        "python-daemon>=3.0",
+        "argon2-cffi>=23.1",   # password hashes: a well-kept argon2id binding
+        "cryptography>=41",    # the demo's self-signed certificate
+    ],
+    extras_require={"test": ["pytest>=7", "trustme>=1.1"]},
+    entry_points={"console_scripts": [
+        "msa=msa.cli:main",
+        "sendmail=msa.sendmail:main",
+        "mailq=msa.sendmail:mailq_main",
+    ]},
+    data_files=[("share/man/man1", ["man/sendmail.1", "man/mailq.1"]),
+                ("share/man/man5", ["man/msa.toml.5", "man/msa-spool.5"]),
+                ("share/man/man8", ["man/msa.8"])],
+)

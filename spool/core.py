@@ -1,0 +1,425 @@
+"""A durable filesystem spool: a state is a directory, a change of state is
+one rename.
+
+Layout under the root (every directory is created by :class:`Spool`)::
+
+    tmp/            files being written; never read by anyone but the writer
+    <stage>/        one directory per stage the caller names (``maildrop``,
+                    ``incoming``, ``active``, ...)
+    deferred/<N>/   messages waiting for attempt N+1; file mtime = due time
+    hold/           held by the administrator; never due, never expires
+    corrupt/        files that could not be parsed; kept for a human
+    claims/         ``<id>.lock`` files locked with ``filelock`` (flock)
+
+Invariants (qmail INTERNALS style; each is relied on by crash recovery):
+
+1. A file appears in a stage only by ``rename(2)`` from ``tmp/`` or from
+   another stage, after its data was fsynced. :meth:`Writer.commit` returns
+   only after the file, the rename and the directory entry are on disk.
+2. Nothing is modified by writing in place. A new version of a file is
+   written in ``tmp/`` and renamed over the old one (:meth:`Claim.rewrite`),
+   so at every instant exactly one whole version exists.
+3. Work on an id is done under its claim (an flock on ``claims/<id>.lock``).
+   The kernel drops the flock when the holder dies, so a claim of a dead
+   process is free again at once; :meth:`Spool.recover` only tidies files.
+4. ``tmp/<id>.<pid>`` names its writer. At start, files in ``tmp/`` whose
+   writer is dead (or older than a day) are removed: they were never
+   acknowledged to anyone.
+5. Ids sort by arrival time: 13 hex digits of microseconds since the epoch,
+   6 of the writer's pid, 3 of a per-process counter.
+
+Nothing here knows about mail.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator
+
+import filelock
+
+log = logging.getLogger("spool")
+
+FIXED_DIRS = ("tmp", "deferred", "hold", "corrupt", "claims")
+STALE_TMP_SECONDS = 86400
+_counter = itertools.count()
+_counter_lock = threading.Lock()
+
+
+class SpoolError(Exception):
+    """Base of every error this package raises."""
+
+
+class SpoolFull(SpoolError):
+    """The filesystem refused the write (ENOSPC, EDQUOT, EIO on write)."""
+
+
+class SpoolUnavailable(SpoolError):
+    """The spool directory does not exist or cannot be entered."""
+
+
+def new_id(now: float | None = None) -> str:
+    """A queue id that sorts by arrival time and is unique on this host."""
+    usec = int((time.time() if now is None else now) * 1_000_000)
+    with _counter_lock:
+        seq = next(_counter) & 0xFFF
+    return f"{usec:013X}{os.getpid() & 0xFFFFFF:06X}{seq:03X}"
+
+
+def id_time(qid: str) -> float:
+    """The arrival time encoded in a queue id (seconds since the epoch)."""
+    return int(qid[:13], 16) / 1_000_000
+
+
+def valid_name(name: str) -> bool:
+    """Names the spool will ever create: no dot files, no path separators."""
+    return (0 < len(name) <= 64 and not name.startswith(".")
+            and all(c.isalnum() or c in "-_" for c in name))
+
+
+def fsync_dir(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _full(exc: OSError) -> SpoolError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):
+        return SpoolFull(f"cannot write queue file: {os.strerror(exc.errno)}")
+    return SpoolError(f"cannot write queue file: {exc}")
+
+
+class Writer:
+    """A file being written in ``tmp/``; :meth:`commit` makes it durable.
+
+    Use as a context manager: leaving without commit removes the temp file.
+    """
+
+    def __init__(self, spool: "Spool", stage: str, qid: str, mode: int,
+                 mtime: float | None = None, replace: bool = False):
+        self.spool, self.stage, self.qid = spool, stage, qid
+        self.mtime, self.replace = mtime, replace
+        self.tmp_path = spool.root / "tmp" / f"{qid}.{os.getpid()}"
+        self.size = 0
+        try:
+            fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        except OSError as exc:
+            raise _full(exc) from exc
+        self.file: BinaryIO | None = os.fdopen(fd, "wb", buffering=65536)
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.file.write(data)
+        except OSError as exc:
+            self.abort()
+            raise _full(exc) from exc
+        self.size += len(data)
+
+    def commit(self, sync_dir: bool = True) -> str:
+        """fsync the data, rename into the stage, fsync the stage directory.
+
+        With ``sync_dir=False`` the caller must call :meth:`Spool.sync_stage`
+        (or a :class:`GroupSync`) before acknowledging the file to anyone.
+        """
+        dest = self.spool.path(self.stage, self.qid)
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+            if self.mtime is not None:
+                os.utime(self.tmp_path, (self.mtime, self.mtime))
+            if not self.replace and os.path.lexists(dest):
+                raise SpoolError(f"{self.stage}/{self.qid} exists")
+            os.rename(self.tmp_path, dest)
+            if sync_dir:
+                fsync_dir(dest.parent)
+        except OSError as exc:
+            self.abort()
+            raise _full(exc) from exc
+        except SpoolError:
+            self.abort()
+            raise
+        return self.qid
+
+    def abort(self) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass
+            self.file = None
+        try:
+            os.unlink(self.tmp_path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.file is not None or (exc_type is not None):
+            self.abort()
+
+
+class Claim:
+    """Exclusive right to work on one id, held until :meth:`release`.
+
+    Every method that moves the file away also releases the claim.
+    """
+
+    def __init__(self, spool: "Spool", stage: str, qid: str,
+                 lock: filelock.BaseFileLock):
+        self.spool, self.stage, self.qid, self._lock = spool, stage, qid, lock
+
+    @property
+    def path(self) -> Path:
+        return self.spool.path(self.stage, self.qid)
+
+    def open(self) -> BinaryIO:
+        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return os.fdopen(fd, "rb")
+
+    def rewriter(self, mode: int = 0o640) -> Writer:
+        """A writer whose commit atomically replaces this file in place of
+        its stage (rename over it)."""
+        return Writer(self.spool, self.stage, self.qid, mode, replace=True)
+
+    def move(self, to_stage: str, mtime: float | None = None,
+             release: bool = True) -> None:
+        """Rename into ``to_stage``; set the mtime first when given."""
+        src = self.path
+        dest = self.spool.path(to_stage, self.qid)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if mtime is not None:
+            os.utime(src, (mtime, mtime))
+        os.rename(src, dest)
+        fsync_dir(dest.parent)
+        fsync_dir(src.parent)
+        self.stage = to_stage
+        if release:
+            self.release()
+
+    def defer(self, due: float, attempt: int) -> None:
+        """Move to ``deferred/<attempt>/`` with mtime = due time."""
+        self.move(f"deferred/{attempt}", mtime=due)
+
+    def done(self) -> None:
+        """The work is finished: remove the file."""
+        path = self.path
+        os.unlink(path)
+        fsync_dir(path.parent)
+        self.release()
+
+    def quarantine(self, reason: str) -> None:
+        self.spool.quarantine(self.stage, self.qid, reason)
+        self.release()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            try:
+                os.unlink(lock.lock_file)
+            except FileNotFoundError:
+                pass
+            lock.release()
+
+    def __enter__(self) -> "Claim":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self):
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+
+
+class Spool:
+    """A spool root with the caller's stages.
+
+    ``stages`` are relative directory names; ``modes`` may give a stage its
+    own permission bits (a maildrop that any local user may write into is
+    ``0o1733``: world-writable, sticky, not listable).
+    """
+
+    def __init__(self, root: str | os.PathLike, stages: Iterable[str] = (),
+                 modes: dict[str, int] | None = None, create: bool = True):
+        self.root = Path(root)
+        self.stages = list(stages)
+        modes = modes or {}
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for name in list(FIXED_DIRS) + self.stages:
+                d = self.root / name
+                d.mkdir(parents=True, exist_ok=True)
+                if name in modes and stat.S_IMODE(d.stat().st_mode) != modes[name]:
+                    os.chmod(d, modes[name])
+        elif not (self.root / "tmp").is_dir():
+            raise SpoolUnavailable(f"{self.root}: not a spool (no tmp/)")
+
+    # -- paths and listing ------------------------------------------------
+
+    def path(self, stage: str, qid: str) -> Path:
+        return self.root / stage / qid
+
+    def names(self, stage: str) -> Iterator[str]:
+        """Names in a stage, unsorted, streamed (memory does not grow with
+        the stage)."""
+        try:
+            with os.scandir(self.root / stage) as it:
+                for entry in it:
+                    if not entry.name.startswith("."):
+                        yield entry.name
+        except FileNotFoundError:
+            return
+
+    def deferred_stages(self) -> list[str]:
+        out = []
+        for name in self.names("deferred"):
+            if name.isdigit():
+                out.append(f"deferred/{name}")
+        return sorted(out, key=lambda s: int(s.split("/")[1]))
+
+    def find(self, qid: str) -> str | None:
+        """The stage an id is in now, or None."""
+        for stage in self.stages + self.deferred_stages() + ["hold", "corrupt"]:
+            if os.path.lexists(self.path(stage, qid)):
+                return stage
+        return None
+
+    # -- writing ----------------------------------------------------------
+
+    def writer(self, stage: str, qid: str | None = None, mode: int = 0o640,
+               mtime: float | None = None) -> Writer:
+        return Writer(self, stage, qid or new_id(), mode, mtime)
+
+    def deposit(self, stage: str, chunks: Iterable[bytes] | bytes,
+                qid: str | None = None, mode: int = 0o640) -> str:
+        """Write a whole file durably into a stage; returns its id."""
+        if isinstance(chunks, (bytes, bytearray, memoryview)):
+            chunks = (bytes(chunks),)
+        with self.writer(stage, qid, mode) as w:
+            for chunk in chunks:
+                w.write(chunk)
+            return w.commit()
+
+    def sync_stage(self, stage: str) -> None:
+        fsync_dir(self.root / stage)
+
+    # -- claims -----------------------------------------------------------
+
+    def claim(self, stage: str, qid: str) -> Claim | None:
+        """Claim ``stage/qid`` without waiting; None if another process
+        holds it or it is no longer there."""
+        if not valid_name(qid):
+            return None
+        lock = filelock.FileLock(str(self.root / "claims" / f"{qid}.lock"),
+                                 timeout=0, thread_local=False)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            return None
+        # A holder that finished may have unlinked the lock file after we
+        # opened it: a lock on an unlinked inode is no claim.
+        if not _holds_current(lock):
+            lock.release()
+            return None
+        # The file may have moved on between listing and locking.
+        if not os.path.lexists(self.path(stage, qid)):
+            lock.release()
+            return None
+        return Claim(self, stage, qid, lock)
+
+    def claim_wait(self, stage: str, qid: str, timeout: float = 10.0) -> Claim | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            c = self.claim(stage, qid)
+            if c is not None or not os.path.lexists(self.path(stage, qid)):
+                return c
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
+    # -- administrative moves ---------------------------------------------
+
+    def quarantine(self, stage: str, name: str, reason: str) -> Path:
+        """Move a file that cannot be used to ``corrupt/``; never delete it."""
+        src = self.path(stage, name)
+        dest = self.root / "corrupt" / name
+        if os.path.lexists(dest):
+            dest = self.root / "corrupt" / f"{name}.{new_id()}"
+        os.rename(src, dest)
+        fsync_dir(dest.parent)
+        log.warning("%s: moved %s/%s to corrupt/: %s", name, stage, name, reason)
+        return dest
+
+    # -- crash recovery ---------------------------------------------------
+
+    def recover(self) -> dict[str, int]:
+        """Tidy after a crash: remove dead writers' temp files and unheld
+        claim files. Safe to run while other processes work."""
+        removed_tmp = removed_claims = 0
+        now = time.time()
+        tmp = self.root / "tmp"
+        for name in list(self.names("tmp")):
+            pid = _tmp_pid(name)
+            try:
+                age = now - os.lstat(tmp / name).st_mtime
+            except FileNotFoundError:
+                continue
+            if age > STALE_TMP_SECONDS or (pid is not None and not _alive(pid)):
+                try:
+                    os.unlink(tmp / name)
+                    removed_tmp += 1
+                    log.info("recover: removed tmp/%s (writer gone)", name)
+                except FileNotFoundError:
+                    pass
+        for name in list(self.names("claims")):
+            lock = filelock.FileLock(str(self.root / "claims" / name), timeout=0,
+                                     thread_local=False)
+            try:
+                lock.acquire()
+            except filelock.Timeout:
+                continue
+            try:
+                if _holds_current(lock):
+                    os.unlink(self.root / "claims" / name)
+                removed_claims += 1
+            except FileNotFoundError:
+                pass
+            lock.release()
+        return {"tmp": removed_tmp, "claims": removed_claims}
+
+
+def _holds_current(lock: filelock.BaseFileLock) -> bool:
+    fd = lock._context.lock_file_fd
+    try:
+        return fd is not None and os.fstat(fd).st_ino == os.stat(lock.lock_file).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _tmp_pid(name: str) -> int | None:
+    _, _, pid = name.rpartition(".")
+    return int(pid) if pid.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

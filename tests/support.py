@@ -1,0 +1,134 @@
+"""Helpers for tests that drive real programs on loopback.
+
+Everything binds 127.0.0.0/8 or ::1, waits in bounded loops, and stops what
+it starts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "bin"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def wait_for(pred, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class CA:
+    dir: Path
+    ca_pem: Path
+    cert_pem: Path
+    key_pem: Path
+
+
+def make_ca(directory: Path) -> CA:
+    import trustme
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    ca_pem = directory / "ca.pem"
+    cert_pem = directory / "server.pem"
+    key_pem = directory / "server.key"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    cert.cert_chain_pems[0].write_to_path(str(cert_pem))
+    for extra in cert.cert_chain_pems[1:]:
+        with open(cert_pem, "ab") as f:
+            f.write(extra.bytes())
+    cert.private_key_pem.write_to_path(str(key_pem))
+    return CA(directory, ca_pem, cert_pem, key_pem)
+
+
+def write_config(directory: Path, ca: CA | None = None, extra: str = "") -> Path:
+    """A config with a spool under ``directory`` and the test certificate."""
+    path = directory / "msa.toml"
+    tls = ""
+    if ca is not None:
+        tls = f'certfile = "{ca.cert_pem}"\nkeyfile = "{ca.key_pem}"\n'
+    path.write_text(
+        f'[spool]\nroot = "{directory / "spool"}"\n\n'
+        f'[server]\nhostname = "msa.test"\ndomain = "example.org"\n\n'
+        f'[edge]\nsubmission = []\nsubmissions = []\n{tls}\n'
+        f'[auth]\npasswd_file = "{directory / "passwd"}"\n\n' + extra)
+    return path
+
+
+def msa_env(config: Path | None = None, **extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PATH"] = str(BIN) + os.pathsep + env["PATH"]
+    if config is not None:
+        env["MSA_CONFIG"] = str(config)
+    env.update(extra)
+    return env
+
+
+def run_sendmail(args: list[str], stdin: bytes, config: Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BIN / "sendmail"), *args], input=stdin,
+                          capture_output=True, env=msa_env(config), timeout=60, **kw)
+
+
+class Proc:
+    """A background process that is killed when the test ends."""
+
+    def __init__(self, argv: list[str], **kw):
+        self.argv = argv
+        self.p = subprocess.Popen(argv, stdout=kw.pop("stdout", subprocess.PIPE),
+                                  stderr=kw.pop("stderr", subprocess.STDOUT),
+                                  start_new_session=True, **kw)
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait(timeout)
+        return self.p.returncode
+
+    def output(self) -> str:
+        if self.p.stdout is None:
+            return ""
+        self.stop()
+        return self.p.stdout.read().decode(errors="replace")
+
+
+def have(program: str) -> bool:
+    return shutil.which(program) is not None or os.path.exists(program)
