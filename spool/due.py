@@ -10,7 +10,9 @@ Invariant: ``earliest[d]`` is never later than the true earliest due time of
 any file in ``d``. :meth:`note` (called when we defer) lowers it; a scan
 recomputes it exactly; a file that appeared behind our back (another
 process deferred it) is covered by :meth:`rescan_all`, which callers run at
-start and on a slow timer.
+start and on a slow timer. Names that :meth:`collect` returns are the
+caller's to move on; one it could not claim (another runner has it) is
+found again by the next :meth:`rescan_all`.
 """
 
 from __future__ import annotations
