@@ -104,6 +104,8 @@ class RelayConfig:
     max_connections: int = 50
     max_connections_per_domain: int = 10
     max_messages_per_connection: int = 100
+    # Runner: messages being delivered at once (bounds memory and fds).
+    max_deliveries: int = 100
 
 
 @dataclass
@@ -116,6 +118,9 @@ class RetryConfig:
     bounce_lifetime: float = 5 * 86400.0
     delay_warning: float = 0.0  # 0: no delay warnings
     scan_interval: float = 300.0
+    strategy: str = "exponential"  # or "age" (Postfix: clamp(age, min, max))
+    # A DSN quotes the whole original up to this size, else its headers.
+    dsn_original_limit: int = 1024 * 1024
 
 
 @dataclass
