@@ -1,0 +1,173 @@
+"""Header fields of a locally submitted message and the addresses in them
+(pure: no I/O).
+
+Used by ``sendmail`` for ``-t`` and for the fields it always removes; the
+watcher may use :func:`extract_recipients` and :func:`drop_fields` on
+maildrop files too. Invariants:
+
+- A field is kept byte for byte (name, folding, 8-bit text) as raw bytes
+  that include its continuation lines (RFC 5322 §2.2.3); lines end in CRLF
+  because the caller normalised them.
+- The header section ends at the first empty line, or at the first line
+  that is neither a field (RFC 5322 §2.2: a name of printable ASCII 33-126
+  except ``:``, then ``:``) nor a continuation; in that second case the
+  body started without a separator and the writer inserts one (as
+  Postfix's cleanup does).
+- The header section is bounded (:data:`MAX_HEADER_BYTES`); a longer one is
+  a :class:`HeaderTooLarge`, never an unbounded buffer.
+- ``Bcc``, ``Resent-Bcc``, ``Return-Path`` and ``Content-Length`` are always
+  dropped (:data:`DROP_ALWAYS`): Bcc must not reach recipients (RFC 5322
+  §3.6.3), Return-Path is added at final delivery only (RFC 5321 §4.4),
+  Content-Length is wrong once line endings change.
+- With ``-t`` the recipients are those of To, Cc and Bcc; if any
+  ``Resent-`` field exists only Resent-To, Resent-Cc and Resent-Bcc count
+  (RFC 5322 §3.6.6, Postfix ``cleanup``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from email.utils import getaddresses
+from typing import Iterator
+
+from .errors import AddressError
+
+MAX_HEADER_BYTES = 1024 * 1024
+MAX_ADDRESS = 254  # RFC 5321 §4.5.3.1.3 path limit less the brackets
+DROP_ALWAYS = frozenset({"bcc", "resent-bcc", "return-path", "content-length"})
+RECIPIENT_FIELDS = ("to", "cc", "bcc")
+RESENT_RECIPIENT_FIELDS = ("resent-to", "resent-cc", "resent-bcc")
+_SPECIALS = set('<>()[]\\,;:"') | {" ", "\t"}
+
+
+class HeaderTooLarge(ValueError):
+    """The header section is longer than :data:`MAX_HEADER_BYTES`."""
+
+
+def is_field_start(line: bytes) -> bool:
+    name, colon, _ = line.partition(b":")
+    return bool(colon and name) and all(33 <= c <= 126 for c in name)
+
+
+def field_name(raw: bytes) -> str:
+    return raw.partition(b":")[0].decode("ascii", "replace").strip().lower()
+
+
+def field_value(raw: bytes) -> str:
+    """The unfolded value, decoded as UTF-8 (Latin-1 when that fails)."""
+    value = raw.partition(b":")[2].replace(b"\r\n", b"").replace(b"\n", b"")
+    try:
+        return value.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return value.decode("latin-1").strip()
+
+
+@dataclass
+class HeaderSection:
+    """Raw fields; ``separator``: an empty line (or a body line, inserted
+    separator) follows them; ``first_body``: the body line that ended the
+    section when there was no empty line."""
+
+    fields: list[bytes] = field(default_factory=list)
+    separator: bool = False
+    first_body: bytes = b""
+
+    def to_bytes(self, drop: frozenset[str] = DROP_ALWAYS) -> bytes:
+        out = b"".join(drop_fields(self.fields, drop))
+        if self.separator:
+            out += b"\r\n" + self.first_body
+        return out
+
+
+def read_header_section(pieces: Iterator[bytes],
+                        limit: int = MAX_HEADER_BYTES) -> HeaderSection:
+    """Consume the header section from CRLF-normalised pieces (a piece
+    ending in CRLF ends a line; see :mod:`msa.sendmail_input`). The
+    iterator is left at the first body piece."""
+    section = HeaderSection()
+    line = b""
+    total = 0
+    for piece in pieces:
+        total += len(piece)
+        if total > limit:
+            raise HeaderTooLarge(f"header section is larger than {limit} bytes")
+        line += piece
+        if not line.endswith(b"\r\n"):
+            continue
+        if line == b"\r\n":
+            section.separator = True
+            return section
+        if line[:1] in (b" ", b"\t") and section.fields:
+            section.fields[-1] += line
+        elif is_field_start(line):
+            section.fields.append(line)
+        else:
+            section.separator, section.first_body = True, line
+            return section
+        line = b""
+    if line:  # unreachable with normalised input: the last piece ends a line
+        section.separator, section.first_body = True, line
+    return section
+
+
+def drop_fields(fields: list[bytes], names: frozenset[str] = DROP_ALWAYS) -> list[bytes]:
+    return [f for f in fields if field_name(f) not in names]
+
+
+def extract_recipients(fields: list[bytes]) -> list[str]:
+    """Addresses for ``sendmail -t`` (RFC 5322 §3.6.6 for Resent-)."""
+    names = {field_name(f) for f in fields}
+    wanted = (RESENT_RECIPIENT_FIELDS if any(n.startswith("resent-") for n in names)
+              else RECIPIENT_FIELDS)
+    out: list[str] = []
+    for f in fields:
+        if field_name(f) in wanted:
+            out.extend(parse_address_list(field_value(f)))
+    return out
+
+
+def parse_address_list(value: str) -> list[str]:
+    """The addr-specs of an address-list (RFC 5322 §3.4); groups are
+    flattened, empty groups (``undisclosed-recipients:;``) give nothing."""
+    return [addr for _name, addr in getaddresses([value]) if addr]
+
+
+def strip_brackets(text: str) -> str:
+    text = text.strip()
+    if "<" in text and text.endswith(">"):
+        text = text[text.rindex("<") + 1:-1]
+    return text.strip()
+
+
+def normalize_address(text: str, domain: str, allow_null: bool = False) -> str:
+    """A command-line or header address as it goes into the envelope:
+    brackets removed, a bare local part qualified with ``domain``.
+
+    Raises :class:`AddressError` for what cannot be a mailbox (RFC 5321
+    §4.1.2): control characters, unquoted specials, an empty part, too long.
+    ``""`` (or ``<>``) is the null sender when ``allow_null``.
+    """
+    addr = strip_brackets(text)
+    if not addr:
+        if allow_null:
+            return ""
+        raise AddressError(f"empty address {text!r}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in addr):
+        raise AddressError(f"bad address {text!r}: control character")
+    local, at, dom = addr.rpartition("@")
+    if not at:
+        local, dom = addr, domain
+    if not local or not dom:
+        raise AddressError(f"bad address {text!r}")
+    if not (local.startswith('"') and local.endswith('"') and len(local) > 1) \
+            and any(c in _SPECIALS or c == "@" for c in local):
+        raise AddressError(f"bad address {text!r}")
+    if dom.startswith("[") and dom.endswith("]"):
+        pass  # address literal, RFC 5321 §4.1.3
+    elif any(c in _SPECIALS or c == "@" for c in dom) or ".." in dom \
+            or dom.startswith("."):
+        raise AddressError(f"bad address {text!r}: bad domain")
+    result = f"{local}@{dom}"
+    if len(result) > MAX_ADDRESS:
+        raise AddressError(f"address too long: {text[:60]!r}...")
+    return result

@@ -1,0 +1,228 @@
+"""``msa queue``: the administrator's view of the spool (Postfix's
+``postqueue``, ``postsuper`` and ``postcat`` in one command).
+
+::
+
+    msa queue list [--json]         like mailq
+    msa queue show ID               the whole queue file, like postcat
+    msa queue delete ID... | ALL --yes
+    msa queue hold ID...            active/ or deferred/<N>/ -> hold/
+    msa queue release ID...         hold/ -> active/
+    msa queue requeue ID...         deferred/<N>/ -> active/ (retry now)
+    msa queue flush                 every deferred message due now
+
+Invariants:
+
+- Every change is made under the id's claim (:meth:`spool.Spool.claim`),
+  so it never races a runner delivering the same message; a message that
+  is claimed is reported busy (exit 75), never touched.
+- Each change is one rename or one unlink (spool invariant 2).
+- Only ``active/`` and ``deferred/<N>/`` messages can be held: a message in
+  ``maildrop/``, ``incoming/`` or a policy stage has not been through the
+  policies yet, and release would put it straight into ``active/``.
+- Flush sets each deferred file's mtime (its due time) to now with
+  ``utime`` (no rewrite), then asks the daemon over the control socket to
+  look (:func:`msa.control.send_control`); no daemon is fine.
+- Exit status: 0 done, 64 usage, 67 unknown queue id, 75 busy or the
+  daemon refused, 77 not permitted, 78 config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+from spool import Spool, SpoolError, valid_name
+
+from . import config, sysexits
+from .control import send_control
+from .mailq import list_queue
+from .store import open_spool
+
+PROG = "msa queue"
+HOLDABLE = ("active", "deferred/")
+
+
+class QueueCommandError(Exception):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="list and change the mail queue")
+    p.add_argument("-C", "--config", help="config file (default $MSA_CONFIG, /etc/msa/msa.toml)")
+    sub = p.add_subparsers(dest="action", required=True)
+    lst = sub.add_parser("list", help="list the queue (like mailq)")
+    lst.add_argument("--json", action="store_true", help="one JSON object per line")
+    show = sub.add_parser("show", help="print a queue file (envelope and message)")
+    show.add_argument("ids", nargs=1, metavar="ID")
+    delete = sub.add_parser("delete", help="delete messages (ALL: every message)")
+    delete.add_argument("ids", nargs="+", metavar="ID")
+    delete.add_argument("--yes", action="store_true", help="confirm delete ALL")
+    for name, doc in (("hold", "put messages on hold"),
+                      ("release", "release held messages to active/"),
+                      ("requeue", "move deferred messages to active/ now")):
+        sub.add_parser(name, help=doc).add_argument("ids", nargs="+", metavar="ID")
+    sub.add_parser("flush", help="make every deferred message due now")
+    return p
+
+
+def locate(spool: Spool, qid: str) -> str:
+    """The stage of ``qid``, or a QueueCommandError (exit 67)."""
+    stage = spool.find(qid) if valid_name(qid) else None
+    if stage is None:
+        raise QueueCommandError(f"{qid}: no such message in the queue", sysexits.EX_NOUSER)
+    return stage
+
+
+def _claim(spool: Spool, stage: str, qid: str):
+    claim = spool.claim(stage, qid)
+    if claim is None:
+        if spool.find(qid) is None:
+            raise QueueCommandError(f"{qid}: no such message in the queue", sysexits.EX_NOUSER)
+        raise QueueCommandError(f"{qid}: busy (being delivered or moved); try again",
+                                sysexits.EX_TEMPFAIL)
+    return claim
+
+
+def show(spool: Spool, qid: str, out) -> None:
+    stage = locate(spool, qid)
+    fd = os.open(spool.path(stage, qid), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        shutil.copyfileobj(f, out, 65536)
+
+
+def delete(spool: Spool, qid: str) -> None:
+    _claim(spool, locate(spool, qid), qid).done()
+
+
+def delete_all(cfg: config.Config, spool: Spool) -> int:
+    """Delete every message of every stage but corrupt/; returns how many."""
+    count = 0
+    for stage in [*cfg.stages(), *spool.deferred_stages(), "hold"]:
+        for qid in spool.names(stage):
+            claim = spool.claim(stage, qid)
+            if claim is not None:
+                claim.done()
+                count += 1
+    return count
+
+
+def hold(spool: Spool, qid: str) -> None:
+    stage = locate(spool, qid)
+    if stage == "hold":
+        return
+    if not stage.startswith(HOLDABLE):
+        raise QueueCommandError(f"{qid}: in {stage}/, not yet through the policies; "
+                                "only active and deferred messages can be held",
+                                sysexits.EX_USAGE)
+    _claim(spool, stage, qid).move("hold")
+
+
+def release(spool: Spool, qid: str, from_prefix: str = "hold") -> None:
+    stage = locate(spool, qid)
+    if not stage.startswith(from_prefix):
+        raise QueueCommandError(f"{qid}: in {stage}/, not in {from_prefix}/",
+                                sysexits.EX_USAGE)
+    _claim(spool, stage, qid).move("active", mtime=time.time())
+
+
+def flush(cfg: config.Config, spool: Spool | None = None) -> tuple[int, int, str | None]:
+    """Make every deferred message due now, then tell the daemon.
+
+    Returns (files made due, files not permitted, daemon's answer or None)."""
+    spool = spool or open_spool(cfg, create=False)
+    touched = denied = 0
+    now = time.time()
+    for stage in spool.deferred_stages():
+        for name in spool.names(stage):
+            try:
+                os.utime(spool.path(stage, name), (now, now), follow_symlinks=False)
+                touched += 1
+            except FileNotFoundError:
+                continue
+            except PermissionError:
+                denied += 1
+    return touched, denied, send_control(cfg, "flush")
+
+
+def flush_command(cfg: config.Config, verbose: bool, prog: str) -> int:
+    """``sendmail -q`` and ``msa queue flush``: exit status and messages."""
+    try:
+        touched, denied, answer = flush(cfg)
+    except SpoolError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return sysexits.EX_UNAVAILABLE
+    if answer is not None and not answer.startswith("ok"):
+        print(f"{prog}: daemon refused flush: {answer}", file=sys.stderr)
+        return sysexits.EX_TEMPFAIL
+    if denied and answer is None:
+        print(f"{prog}: not permitted to change {denied} deferred files, "
+              "and no daemon answers on the control socket", file=sys.stderr)
+        return sysexits.EX_NOPERM
+    if verbose:
+        told = "daemon notified" if answer else "no daemon running; they go when it starts"
+        print(f"{prog}: {touched} deferred messages due now; {told}", file=sys.stderr)
+    return sysexits.EX_OK
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config)
+    if args.action == "flush":
+        return flush_command(cfg, True, PROG)
+    spool = open_spool(cfg, create=False)
+    if args.action == "list":
+        list_queue(cfg, spool, sys.stdout, as_json=args.json)
+        return sysexits.EX_OK
+    if args.action == "show":
+        sys.stdout.flush()
+        show(spool, args.ids[0], sys.stdout.buffer)
+        return sysexits.EX_OK
+    if args.action == "delete" and args.ids == ["ALL"]:
+        if not args.yes:
+            raise QueueCommandError("delete ALL needs --yes", sysexits.EX_USAGE)
+        print(f"{PROG}: Deleted: {delete_all(cfg, spool)} messages", file=sys.stderr)
+        return sysexits.EX_OK
+    action = {"delete": delete, "hold": hold, "release": release,
+              "requeue": lambda s, q: release(s, q, "deferred/")}[args.action]
+    status = sysexits.EX_OK
+    done = 0
+    for qid in args.ids:
+        try:
+            action(spool, qid)
+            done += 1
+        except QueueCommandError as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            status = status or exc.code
+    verb = {"delete": "Deleted", "hold": "Placed on hold", "release": "Released",
+            "requeue": "Requeued"}[args.action]
+    print(f"{PROG}: {verb}: {done} message{'' if done == 1 else 's'}", file=sys.stderr)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: --help is 0, a usage error 2
+        return sysexits.EX_OK if exc.code == 0 else sysexits.EX_USAGE
+    try:
+        return run(args)
+    except config.ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return sysexits.EX_CONFIG
+    except QueueCommandError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.code
+    except PermissionError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return sysexits.EX_NOPERM
+    except SpoolError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return sysexits.EX_UNAVAILABLE
+    except BrokenPipeError:
+        return sysexits.EX_OK
