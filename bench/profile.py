@@ -1,0 +1,46 @@
+"""Summarise a py-spy ``--format raw`` profile (folded stacks: one line per
+distinct stack, ``frame;frame;...;leaf COUNT``) into the functions where
+time goes: self time (the leaf) and inclusive time (anywhere on the stack).
+Pure text in, text out."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+
+def parse_folded(text: str) -> list[tuple[list[str], int]]:
+    stacks = []
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            stacks.append((stack.split(";"), int(count)))
+    return stacks
+
+
+def summarise(text: str, top: int = 25) -> str:
+    stacks = parse_folded(text)
+    total = sum(c for _, c in stacks) or 1
+    own, incl = Counter(), Counter()
+    for frames, count in stacks:
+        frames = [_short(f) for f in frames]
+        own[frames[-1]] += count
+        for f in set(frames):
+            incl[f] += count
+    lines = [f"{total} samples (non-idle threads)", "self%  function"]
+    lines += [f"{100 * c / total:5.1f}  {f}" for f, c in own.most_common(top)]
+    lines += ["", "incl%  function"]
+    lines += [f"{100 * c / total:5.1f}  {f}" for f, c in incl.most_common(top)]
+    return "\n".join(lines)
+
+
+def _short(frame: str) -> str:
+    """``func (/long/path/pkg/mod.py:12)`` -> ``func (pkg/mod.py:12)``."""
+    name, sep, where = frame.partition(" (")
+    if not sep:
+        return frame
+    path = where.rstrip(")")
+    for marker in ("site-packages/", "/lib/python3", "/work/main/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{name} ({path})"

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""msa's benchmark against a reference Postfix on loopback (``make bench``).
+
+Load comes from Postfix's ``smtp-source``, the destination is
+``smtp-sink``; both systems accept plain SMTP from 127.0.0.0/8 on a
+loopback port and relay everything to their own sink, with their default
+durability (fsync before 250). Prints a table (and ``--json`` writes the
+raw results); see ``bench/report.py`` for the targets.
+
+    python3 bench/run.py                 # everything (several minutes)
+    python3 bench/run.py --quick         # small N: a smoke test
+    python3 bench/run.py --only accept --n 5000
+    python3 bench/run.py --sides postfix # the reference alone
+    python3 bench/run.py --profile DIR   # plus py-spy of msa at c=10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import disk, msa_side, postfix_ref, report, scenarios  # noqa: E402
+from bench import profile as profile_mod  # noqa: E402
+from bench.sink import SMTP_SINK  # noqa: E402
+from bench.source import SMTP_SOURCE  # noqa: E402
+
+PHASES = ("accept", "e2e", "big", "idle", "backlog")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, one round")
+    p.add_argument("--only", default="", help="comma list of " + "|".join(PHASES))
+    p.add_argument("--n", type=int, help="messages per load run (default 2000; quick 100)")
+    p.add_argument("--rounds", type=int, help="rounds per concurrency (default 3; quick 1)")
+    p.add_argument("--conc", default="1,10,50", help="concurrencies (default 1,10,50)")
+    p.add_argument("--size", type=int, default=2048, help="payload bytes (default 2048)")
+    p.add_argument("--big", type=int, help="big message bytes (default 50 MiB; quick 5 MiB)")
+    p.add_argument("--idle", type=int, help="idle connections (default 1000; quick 100)")
+    p.add_argument("--backlog", type=int, help="queued messages (default 100000; quick 2000)")
+    p.add_argument("--backlog-window", type=float, help="seconds to watch after the first "
+                   "delivery (default 10; quick 2)")
+    p.add_argument("--sides", default="msa,postfix", help="msa,postfix (default both)")
+    p.add_argument("--profile", metavar="DIR", help="py-spy msa in an extra c=10 run")
+    p.add_argument("--json", metavar="PATH", help="write the raw results here")
+    p.add_argument("--workdir", help="parent of the temp dir (default: system temp)")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, spools)")
+    a = p.parse_args(argv)
+    q = a.quick
+    a.n = a.n or (100 if q else 2000)
+    a.rounds = a.rounds or (1 if q else 3)
+    a.big = a.big or (5 if q else 50) * 1024 * 1024
+    a.idle = a.idle or (100 if q else 1000)
+    a.backlog = a.backlog or (2000 if q else 100_000)
+    a.backlog_window = a.backlog_window or (2.0 if q else 10.0)
+    a.concs = [int(c) for c in a.conc.split(",") if c]
+    a.phases = [x for x in a.only.split(",") if x] or list(PHASES)
+    a.side_list = [s for s in a.sides.split(",") if s]
+    for x in a.phases:
+        if x not in PHASES:
+            p.error(f"--only: unknown phase {x!r}")
+    for s in a.side_list:
+        if s not in ("msa", "postfix"):
+            p.error(f"--sides: unknown side {s!r}")
+    return a
+
+
+def meta(args: argparse.Namespace) -> dict:
+    def out(*cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=30,
+                                  cwd=ROOT).stdout.strip()
+        except OSError:
+            return "?"
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "kernel": f"Linux {platform.release()}",
+            "postfix_version": out("postconf", "-h", "-d", "mail_version"),
+            "msa_rev": out("git", "rev-parse", "--short", "HEAD"),
+            "n": args.n, "size": args.size, "rounds": args.rounds, "notes": []}
+
+
+def missing_tools() -> list[str]:
+    missing = [t for t in (SMTP_SOURCE, SMTP_SINK) if not os.access(t, os.X_OK)]
+    if not postfix_ref.available():
+        missing.append("postfix (binaries, user postfix, group postdrop)")
+    return missing
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def run(args: argparse.Namespace, work: Path, results: dict) -> None:
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    m = results["meta"]
+    m["disk"] = {"creates_per_s": disk.fsynced_creates_per_s(work / "disk", 200 if args.quick
+                                                             else 1000),
+                 "commits_per_s": disk.durable_commits_per_s(work / "disk", 200 if args.quick
+                                                             else 1000)}
+    sides = list(args.side_list)
+    if "msa" in sides:
+        missing = msa_side.missing_features()
+        if missing:
+            m["notes"].append("msa side skipped, missing: " + "; ".join(missing))
+            sides.remove("msa")
+    if "postfix" in sides and os.geteuid() != 0:
+        m["notes"].append("postfix side skipped: a private Postfix instance needs root")
+        sides.remove("postfix")
+    if not sides:
+        return
+    if {"accept", "e2e"} & set(args.phases):
+        log(f"load phase: {', '.join(sides)} at concurrency {args.concs}, N={args.n}")
+        prof = scenarios.Profiler(Path(args.profile)) if args.profile and "msa" in sides \
+            else None
+        results.update(scenarios.load_phase(work / "load", sides, args.concs, args.n,
+                                            args.size, args.rounds, prof, log))
+        if prof:
+            summary = profile_mod.summarise(prof.outputs[0].read_text())
+            (Path(args.profile) / "msa-c10.summary.txt").write_text(summary + "\n")
+            results["profile"] = str(Path(args.profile) / "msa-c10.summary.txt")
+            log("profile of msa at c=10:\n" + summary)
+    if "big" in args.phases:
+        log(f"big message phase: {args.big} bytes")
+        results["big"] = scenarios.big_phase(work / "big", sides, args.big, log)
+    if "msa" in sides and "idle" in args.phases:
+        log(f"idle phase: {args.idle} connections")
+        results["idle"] = scenarios.idle_phase(work, args.idle, args.size, log)
+    if "msa" in sides and "backlog" in args.phases:
+        log(f"backlog phase: {args.backlog} messages")
+        results["backlog"] = scenarios.backlog_phase(work, args.backlog, args.backlog_window,
+                                                     log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = missing_tools()
+    if missing:
+        print("bench: missing " + ", ".join(missing) + " (run `sh .ci/setup` as root)",
+              file=sys.stderr)
+        return 69
+    raise_nofile()
+    work = Path(tempfile.mkdtemp(prefix="msa-bench-", dir=args.workdir))
+    os.chmod(work, 0o755)  # Postfix's unprivileged daemons must reach their queue
+    results: dict = {"meta": meta(args)}
+    started = time.monotonic()
+    try:
+        run(args, work, results)
+    finally:
+        results["meta"]["seconds"] = round(time.monotonic() - started, 1)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    metrics = tuple(x for x in ("accept", "e2e") if x in args.phases)
+    print()
+    print(report.format_all(results, metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

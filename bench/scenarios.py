@@ -1,0 +1,324 @@
+"""The benchmark's phases. Each starts what it needs under its own
+directory, measures, stops what it started and returns a plain dict for
+:mod:`bench.report`.
+
+- :func:`load_phase`: msa and Postfix both running; for each concurrency,
+  rounds of (msa run, Postfix run) interleaved so drift on a shared machine
+  hits both. A run sends N messages with smtp-source; *accept* is when
+  smtp-source exits (every message got 250), *end to end* is when the sink
+  counted the Nth message. The next run starts only after the previous
+  side's queue drained.
+- :func:`big_phase`: one 50 MB message through each, on fresh instances so
+  msa's ``VmHWM`` minus its idle ``VmRSS`` is the growth the message caused.
+- :func:`idle_phase`: 1,000 connections opened to msa that read the
+  greeting and then say nothing.
+- :func:`backlog_phase`: 100,000 queue files written into ``active/``
+  before ``msa deliver`` starts; time to the sink's first message.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from . import procs, source
+from .msa_side import MsaInstance, write_backlog
+from .postfix_ref import PostfixRef
+from .sink import Sink
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Side:
+    """One system under test with its own sink."""
+
+    def __init__(self, name: str, work: Path, big_limit: bool = False):
+        self.name = name
+        self.sink = Sink(free_port())
+        port = free_port()
+        if name == "postfix":
+            self.server = PostfixRef(work / "postfix", port, self.sink.port)
+        else:
+            self.server = MsaInstance(work / "msa", port, self.sink.port)
+        self.port = port
+
+    def start(self) -> None:
+        self.server.start()
+        if self.name == "postfix":
+            procs.wait_until(lambda: _answers(self.port), 20)
+
+    @property
+    def pid(self) -> int:
+        return self.server.master_pid() if self.name == "postfix" else self.server.pid
+
+    def backlog(self) -> int:
+        if self.name == "postfix":
+            return self.server.queue_count()
+        return self.server.spool_count()
+
+    def stop(self) -> None:
+        try:
+            self.server.stop()
+        finally:
+            self.sink.stop()
+
+    def log_tail(self) -> str:
+        return self.server.log_tail()
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            return s.recv(512).startswith(b"220")
+    except OSError:
+        return False
+
+
+def send_and_wait(side: Side, conc: int, n: int, size: int, timeout: float,
+                  sampler: procs.RssSampler | None = None) -> dict:
+    """One run: smtp-source N messages, then wait for the sink to count them."""
+    target = side.sink.count + n
+    side.sink.expect(target)
+    start = time.monotonic()
+    res = source.run(side.port, conc, n, size, timeout=timeout)
+    out = {"side": side.name, "conc": conc, "n": n, "accept_s": res.seconds,
+           "e2e_s": None, "error": ""}
+    if not res.ok:
+        out["error"] = f"smtp-source exit {res.returncode}: {res.output[-300:]}"
+        return out
+    reached = side.sink.wait(timeout)
+    if reached is None:
+        out["error"] = (f"sink got {side.sink.count - (target - n)}/{n} within {timeout:.0f}s; "
+                        f"{side.backlog()} still queued")
+    else:
+        out["e2e_s"] = max(reached - start, res.seconds)
+    return out
+
+
+def drain(side: Side, timeout: float) -> bool:
+    return bool(procs.wait_until(lambda: side.backlog() == 0, timeout, 0.05))
+
+
+def load_phase(work: Path, sides: list[str], concs: list[int], n: int, size: int,
+               rounds: int, profile=None, log=print) -> dict:
+    """Accept and end-to-end rates; returns {"load": [...], "rss": {...}}."""
+    running = [Side(name, work) for name in sides]
+    runs = []
+    rss = {name: {"tree_peak_kb": 0, "tree_peak_pss_kb": 0, "max_procs": 0} for name in sides}
+    timeout = max(120.0, n / 10)
+    try:
+        for side in running:
+            side.start()
+            warm = send_and_wait(side, 5, 20, size, 60)
+            if warm["error"]:
+                raise RuntimeError(f"{side.name} warm-up failed: {warm['error']}\n"
+                                   f"{side.log_tail()}")
+        for conc in concs:
+            for rnd in range(rounds):
+                for side in running:
+                    drain(side, 60)
+                    with procs.RssSampler(side.pid) as sampler:
+                        r = send_and_wait(side, conc, n, size, timeout)
+                        nprocs = len(procs.tree(side.pid))
+                    r["round"] = rnd
+                    runs.append(r)
+                    peak = rss[side.name]
+                    peak["tree_peak_kb"] = max(peak["tree_peak_kb"], sampler.peak_kb)
+                    peak["tree_peak_pss_kb"] = max(peak["tree_peak_pss_kb"],
+                                                   sampler.peak_pss_kb)
+                    peak["max_procs"] = max(peak["max_procs"], nprocs)
+                    log(_run_line(r))
+        for side in running:
+            if side.name == "msa":
+                rss["msa"]["hwm_kb"] = procs.vm_hwm_kb(side.pid)
+                if profile:
+                    profiled_run(side, profile, n, size, timeout, log)
+    finally:
+        for side in running:
+            side.stop()
+    return {"load": runs, "rss": rss}
+
+
+def profiled_run(side: Side, profile: "Profiler", n: int, size: int, timeout: float,
+                 log=print) -> None:
+    """An extra concurrency-10 run of msa under py-spy (not in the table:
+    sampling slows the process it samples)."""
+    drain(side, 60)
+    ps = profile.start(side.pid)
+    try:
+        r = send_and_wait(side, 10, n, size, timeout)
+    finally:
+        profile.stop(ps)
+    r["round"] = "profiled"
+    log(_run_line(r))
+
+
+def _run_line(r: dict) -> str:
+    acc = r["n"] / r["accept_s"] if r["accept_s"] and not r["error"] else None
+    e2e = r["n"] / r["e2e_s"] if r["e2e_s"] else None
+    fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+    tail = f"  {r['error']}" if r["error"] else ""
+    return (f"  {r['side']:<8} c={r['conc']:<3} round {r['round']}: accept {fmt(acc)}/s, "
+            f"e2e {fmt(e2e)}/s{tail}")
+
+
+def big_phase(work: Path, sides: list[str], size: int, log=print) -> dict:
+    out: dict = {"size": size}
+    for name in sides:
+        side = Side(name, work / f"big-{name}")
+        try:
+            side.start()
+            time.sleep(1.0)
+            base_tree, base_main = procs.tree_rss_kb(side.pid), procs.vm_rss_kb(side.pid)
+            with procs.RssSampler(side.pid, 0.05) as sampler:
+                r = send_and_wait(side, 1, 1, size, 600)
+            for key in ("conc", "n", "side"):
+                r.pop(key)
+            r["rss_growth_kb"] = sampler.peak_kb - base_tree
+            if name == "msa":
+                # VmHWM also catches a peak between two samples.
+                r["rss_growth_kb"] = max(r["rss_growth_kb"],
+                                         procs.vm_hwm_kb(side.pid) - base_main)
+            out[name] = r
+            log(f"  {name:<8} 50 MB: accept {r['accept_s']:.2f}s e2e {r['e2e_s']}s "
+                f"{r['error']}")
+        except Exception as exc:  # noqa: BLE001 - reported in the table
+            out[name] = {"error": f"{exc}"[:500]}
+        finally:
+            side.stop()
+    return out
+
+
+def idle_phase(work: Path, count: int, size: int, log=print) -> dict:
+    side = Side("msa", work / "idle")
+    out: dict = {"count": count}
+    conns: list[socket.socket] = []
+    try:
+        side.start()
+        time.sleep(1.0)
+        out["baseline_kb"] = procs.tree_rss_kb(side.pid)
+        conns, greeted = open_idle(side.port, count)
+        out["greeted"] = greeted
+        time.sleep(2.0)
+        out["rss_kb"] = procs.tree_rss_kb(side.pid)
+        out["hwm_kb"] = procs.vm_hwm_kb(side.pid)
+        r = send_and_wait(side, 1, 1, size, 60)
+        out["message_ok"] = not r["error"]
+        log(f"  idle: {greeted}/{count} greeted, RSS {out['rss_kb'] / 1024:.1f} MB")
+    except Exception as exc:  # noqa: BLE001
+        out["error"] = f"{exc}"[:500]
+    finally:
+        for s in conns:
+            s.close()
+        side.stop()
+    return out
+
+
+def open_idle(port: int, count: int, timeout: float = 60.0) -> tuple[list[socket.socket], int]:
+    """Open ``count`` connections, read each greeting, say nothing more.
+    Returns the sockets and how many got a ``220`` greeting."""
+    sel = selectors.DefaultSelector()
+    conns = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        sel.register(s, selectors.EVENT_READ)
+        conns.append(s)
+    greeted, pending = 0, count
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=1.0):
+            try:
+                data = key.fileobj.recv(512)
+            except OSError:
+                data = b""
+            greeted += data.startswith(b"220")
+            pending -= 1
+            sel.unregister(key.fileobj)
+    sel.close()
+    return conns, greeted
+
+
+def backlog_phase(work: Path, count: int, window: float, log=print) -> dict:
+    """Write ``count`` queue files, start ``msa deliver``, time the first
+    delivery, then watch RSS for ``window`` seconds."""
+    base = work / "backlog"
+    sink = Sink(free_port())
+    inst = MsaInstance(base, free_port(), sink.port, command="deliver")
+    out: dict = {"count": count, "window_s": window}
+    try:
+        inst.write_config()
+        _create_spool(inst.config)
+        t = time.monotonic()
+        write_backlog(inst.spool / "active", count)
+        out["write_s"] = time.monotonic() - t
+        log(f"  wrote {count} queue files in {out['write_s']:.1f}s")
+        sink.expect(1)
+        start = time.monotonic()
+        inst.start(wait_listen=False)
+        with procs.RssSampler(inst.pid, 0.05) as sampler:
+            first = sink.wait_first(max(60.0, window))
+            if first is not None:
+                end = first + window
+                while time.monotonic() < end and inst.proc.poll() is None:
+                    time.sleep(0.1)
+            out["hwm_kb"] = procs.vm_hwm_kb(inst.pid)
+        out["first_s"] = None if first is None else first - start
+        out["delivered"] = sink.count
+        out["rss_peak_kb"] = max(sampler.peak_kb, out["hwm_kb"])
+        if first is None:
+            out["error"] = f"no delivery within {max(60.0, window):.0f}s\n{inst.log_tail()}"
+    except Exception as exc:  # noqa: BLE001
+        out["error"] = f"{exc}"[:500]
+    finally:
+        inst.stop()
+        sink.stop()
+    return out
+
+
+def _create_spool(config: Path) -> None:
+    """Create the spool's directories as msa does (modes included)."""
+    from msa import config as msa_config
+    from msa.store import open_spool
+    open_spool(msa_config.load(str(config)))
+
+
+class Profiler:
+    """py-spy attached to msa for one run (``--profile DIR``)."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.outputs: list[Path] = []
+
+    def start(self, pid: int) -> list[subprocess.Popen]:
+        path = self.dir / "msa-c10.folded"
+        self.outputs.append(path)
+        p = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw",
+                              "--rate", "200", "--subprocesses", "-o", str(path)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # let py-spy attach before the load starts
+        return [p]
+
+    def stop(self, ps: list[subprocess.Popen]) -> None:
+        for p in ps:
+            p.send_signal(signal.SIGINT)
+        for p in ps:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
