@@ -1,0 +1,287 @@
+"""The SMTP DATA reader: bytes in, events out (pure: no I/O, no awaits).
+
+h11-style: the caller feeds whatever arrived from the socket, in chunks of
+any size, to :meth:`DataReader.feed` and gets :class:`Data` events (the
+message, un-dot-stuffed, CRLF line endings) and finally one
+:class:`EndOfData`. Bytes that followed the end-of-data indicator in the
+same chunk are left in :attr:`DataReader.trailing` for the command reader.
+
+Invariants (each is tested byte by byte and across every chunk split):
+
+- Only ``<CRLF>.<CRLF>`` ends DATA (RFC 5321 §4.1.1.4); the CRLF of the DATA
+  command counts as the first CRLF, so ``.<CRLF>`` at the very start ends
+  an empty message. ``\\n.\\n``, ``\\r.\\r``, ``\\n.\\r\\n`` and every other
+  look-alike is data, never an end: this is what stops SMTP smuggling.
+- A bare CR or bare LF anywhere (RFC 5321 §2.3.8) or a NUL (RFC 6152 §2:
+  8-bit data has no NUL; we offer no BINARYMIME) marks the message bad.
+  A bad message is still read to the real end-of-data indicator, so none
+  of it is ever taken as commands; then it is refused with the error.
+- A leading dot of a line is removed (RFC 5321 §4.5.2).
+- A line longer than :data:`MAX_LINE` octets without its CRLF (RFC 5322
+  §2.1.1, after un-stuffing) marks the message bad (``500 5.5.2``).
+- When the message grows past ``max_size`` it is bad (``552 5.3.4``,
+  RFC 1870 §6.3); the rest is read and discarded.
+- After the first error no more :class:`Data` is emitted: the caller
+  needs to hold nothing for a message that will be refused. Every check
+  keeps running to the end, and when a message has several faults the
+  one reported is chosen by a fixed rank (bare CR/LF, NUL, long line,
+  size), so the result never depends on how the bytes were split.
+- Memory does not grow with the message: the reader keeps a few integers
+  of state; each emitted :class:`Data` holds at most the chunk it came from.
+
+:class:`HeaderCollector` (also pure) keeps the header section of the
+message up to a bound, so the From header can be checked after DATA.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import re
+from dataclasses import dataclass
+
+from .errors import PermanentError
+
+MAX_LINE = 998
+CR, LF, DOT = 13, 10, 46
+_SPECIAL = re.compile(rb"[\r\n\x00]")
+
+# Reader states: at the start of a line, inside a line, after a CR inside a
+# line, after a dot at the start of a line, after ".<CR>" at a line start.
+_START, _MID, _CR, _DOT, _DOT_CR = range(5)
+
+
+class DataError(PermanentError):
+    """The message data is refused; the reply is sent after end-of-data."""
+
+    code = 550
+    status = "5.6.0"
+
+
+class BareLineEnding(DataError):
+    # RFC 5321 §2.3.8: CR and LF only as CRLF. 5.6.0 (RFC 3463 §3.7): the
+    # content is bad. Postfix 3.9 says 5.5.2; we keep the content class.
+    code, status = 550, "5.6.0"
+
+    def __init__(self, message: str = "Bare CR or LF in message data not allowed"):
+        super().__init__(message)
+
+
+class NulInData(DataError):
+    code, status = 550, "5.6.0"
+
+    def __init__(self, message: str = "NUL in message data not allowed"):
+        super().__init__(message)
+
+
+class LineTooLong(DataError):
+    # RFC 5321 §4.5.3.1.6 / §4.5.3.1.7: "500 Line too long".
+    code, status = 500, "5.5.2"
+
+    def __init__(self, message: str = "Line too long"):
+        super().__init__(message)
+
+
+class MessageTooBig(DataError):
+    # RFC 1870 §6.3 and RFC 3463 §3.4 (X.3.4 message too big for system).
+    code, status = 552, "5.3.4"
+
+    def __init__(self, message: str = "Message size exceeds fixed maximum message size"):
+        super().__init__(message)
+
+
+_RANK = {BareLineEnding: 0, NulInData: 1, LineTooLong: 2, MessageTooBig: 3}
+
+
+@dataclass(frozen=True)
+class Data:
+    """A piece of the message, already un-dot-stuffed."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class EndOfData:
+    """The real end-of-data indicator was read. ``size`` is the message
+    length in bytes (un-stuffed); ``error`` is None for a good message."""
+
+    size: int
+    error: DataError | None
+
+
+Event = Data | EndOfData
+
+
+class DataReader:
+    """Reads one message after the 354 reply. Feed it until it is
+    :attr:`done`; then :attr:`trailing` holds the bytes that belong to
+    the command stream."""
+
+    def __init__(self, max_size: int | None = None, max_line: int = MAX_LINE):
+        self.max_size = max_size
+        self.max_line = max_line
+        self.size = 0
+        self.error: DataError | None = None
+        self.done = False
+        self.trailing = b""
+        self._state = _START
+        self._line = 0        # octets of the current line in earlier chunks
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Consume ``data``; return the events it completes."""
+        if self.done:
+            raise RuntimeError("feed() after end of data")
+        out: list[bytes] = []
+        i, n = 0, len(data)
+        run = 0               # start of bytes not yet emitted or dropped
+        line_start = 0        # where the current line starts in this chunk
+        state = self._state
+        while i < n:
+            if state == _MID:
+                m = _SPECIAL.search(data, i)
+                if m is None:
+                    i = n
+                    break
+                j = m.start()
+                i = j + 1
+                c = data[j]
+                if c == CR:
+                    state = _CR
+                else:
+                    self._fail(BareLineEnding() if c == LF else NulInData())
+            elif state == _START:
+                if data[i] == DOT:
+                    self._emit(out, data, run, i)
+                    i += 1
+                    run = line_start = i
+                    state = _DOT
+                else:
+                    state = _MID
+            elif state == _DOT:
+                # A dot then anything but CR: the dot was stuffing
+                # (already dropped); the byte is ordinary line content.
+                if data[i] == CR:
+                    i += 1
+                    state = _DOT_CR
+                else:
+                    state = _MID
+            elif state == _DOT_CR:
+                if data[i] == LF:
+                    # <CRLF>.<CRLF>: the ".<CR>" is not message data.
+                    self._emit(out, data, run, max(run, i - 1))
+                    self._finish(data[i + 1:])
+                    return self._events(out)
+                # ".<CR>x": a bare CR on a line that began with a dot. A CR
+                # held back at the end of the last chunk is data after all.
+                if i == 0:
+                    self._emit(out, b"\r", 0, 1)
+                state = _CR
+            else:  # _CR
+                if data[i] == LF:
+                    i += 1
+                    self._end_line(i - 2 - line_start)
+                    line_start = i
+                    state = _START
+                else:
+                    self._fail(BareLineEnding())
+                    state = _MID
+        # Chunk exhausted mid-message. Keep ".<CR>" unemitted: it may be
+        # the start of the end-of-data indicator.
+        end = n - 1 if state == _DOT_CR else n
+        self._emit(out, data, run, max(run, end))
+        if state in (_MID, _CR, _DOT, _DOT_CR):
+            self._line += n - line_start
+            if self._line - (1 if state in (_CR, _DOT_CR) else 0) > self.max_line:
+                self._fail(LineTooLong())
+        self._state = state
+        return self._events(out)
+
+    # -- helpers ------------------------------------------------------------
+
+    def _end_line(self, length_here: int) -> None:
+        if self._line + length_here > self.max_line:
+            self._fail(LineTooLong())
+        self._line = 0
+
+    def _emit(self, out: list[bytes], data: bytes, start: int, end: int) -> None:
+        if end <= start:
+            return
+        self.size += end - start
+        if self.max_size is not None and self.size > self.max_size:
+            self._fail(MessageTooBig())
+        if self.error is None:
+            out.append(data[start:end])
+
+    def _fail(self, error: DataError) -> None:
+        if self.error is None or _RANK[type(error)] < _RANK[type(self.error)]:
+            self.error = error
+
+    def _finish(self, trailing: bytes) -> None:
+        self.done = True
+        self.trailing = trailing
+        self._state = _START
+
+    def _events(self, out: list[bytes]) -> list[Event]:
+        events: list[Event] = []
+        if out and self.error is None:
+            events.append(Data(b"".join(out)))
+        if self.done:
+            events.append(EndOfData(self.size, self.error))
+        return events
+
+
+class HeaderCollector:
+    """Keeps the start of a message until its header section ends (the
+    first empty line, RFC 5322 §2.1), at most ``limit`` bytes."""
+
+    def __init__(self, limit: int = 256 * 1024):
+        self.limit = limit
+        self._buf = bytearray()
+        self.complete = False
+        self.overflow = False
+
+    def feed(self, data: bytes) -> None:
+        if self.complete or self.overflow:
+            return
+        start = max(0, len(self._buf) - 3)
+        self._buf += data
+        if self._buf.startswith(b"\r\n"):
+            end = 0
+        else:
+            end = self._buf.find(b"\r\n\r\n", start)
+            end = -1 if end < 0 else end + 2
+        if end >= 0:
+            del self._buf[end:]
+            self.complete = True
+        elif len(self._buf) > self.limit:
+            self.overflow = True
+            self._buf = bytearray()
+
+    def finish(self) -> None:
+        """The message ended: a message of only headers is complete too."""
+        if not self.overflow:
+            self.complete = True
+
+    @property
+    def headers(self) -> bytes:
+        return bytes(self._buf)
+
+
+def header_addresses(headers: bytes, name: str = "From") -> list[str] | None:
+    """The addr-specs in every ``name`` field of a header section, or None
+    when a field is there but yields no usable address (unparseable, a
+    group without members, no domain). 8-bit text is read as UTF-8
+    (RFC 6532); invalid UTF-8 survives as surrogates and so matches no
+    configured address."""
+    text = headers.decode("utf-8", "surrogateescape")
+    msg = email.parser.HeaderParser(policy=email.policy.SMTPUTF8).parsestr(text)
+    out: list[str] = []
+    for value in msg.get_all(name, []):
+        try:
+            addrs = list(value.addresses)
+        except (AttributeError, ValueError, IndexError):
+            return None
+        if not addrs or any(not a.domain or not a.username for a in addrs):
+            return None
+        out.extend(a.addr_spec for a in addrs)
+    return out
