@@ -56,38 +56,30 @@ class DataError(PermanentError):
 
     code = 550
     status = "5.6.0"
+    text = "Message data refused"
+
+    def __init__(self, message: str = ""):
+        super().__init__(message or self.text)
 
 
 class BareLineEnding(DataError):
     # RFC 5321 §2.3.8: CR and LF only as CRLF. 5.6.0 (RFC 3463 §3.7): the
     # content is bad. Postfix 3.9 says 5.5.2; we keep the content class.
-    code, status = 550, "5.6.0"
-
-    def __init__(self, message: str = "Bare CR or LF in message data not allowed"):
-        super().__init__(message)
+    code, status, text = 550, "5.6.0", "Bare CR or LF in message data not allowed"
 
 
 class NulInData(DataError):
-    code, status = 550, "5.6.0"
-
-    def __init__(self, message: str = "NUL in message data not allowed"):
-        super().__init__(message)
+    code, status, text = 550, "5.6.0", "NUL in message data not allowed"
 
 
 class LineTooLong(DataError):
     # RFC 5321 §4.5.3.1.6 / §4.5.3.1.7: "500 Line too long".
-    code, status = 500, "5.5.2"
-
-    def __init__(self, message: str = "Line too long"):
-        super().__init__(message)
+    code, status, text = 500, "5.5.2", "Line too long"
 
 
 class MessageTooBig(DataError):
     # RFC 1870 §6.3 and RFC 3463 §3.4 (X.3.4 message too big for system).
-    code, status = 552, "5.3.4"
-
-    def __init__(self, message: str = "Message size exceeds fixed maximum message size"):
-        super().__init__(message)
+    code, status, text = 552, "5.3.4", "Message size exceeds fixed maximum message size"
 
 
 _RANK = {BareLineEnding: 0, NulInData: 1, LineTooLong: 2, MessageTooBig: 3}
