@@ -80,6 +80,12 @@ class PoliciesConfig:
     remove_bcc: bool = True
     # Forward: list of [regex, replacement] applied to each recipient.
     forward: list[list[str]] = field(default_factory=list)
+    # A header section larger than this sends the message to corrupt/.
+    max_header_bytes: int = 1024 * 1024
+    # Watcher: threads doing file work, and a full rescan of the stages
+    # this often (seconds) to pick up files whose event was missed.
+    workers: int = 4
+    rescan_interval: float = 60.0
 
 
 @dataclass

@@ -1,0 +1,266 @@
+"""Queue policies: small classes run once per message by the watcher, each
+in its policy stage (python-slimta's ``QueuePolicy``, with the result
+stored in the spool so it is never run twice).
+
+A policy has a ``name`` (recorded in ``Envelope.policies`` once applied,
+so a rerun after a crash skips it) and ``apply(envelope, headers)`` that
+edits the envelope and the :class:`~msa.headerblock.HeaderBlock` in place
+and returns None, or returns a list of envelopes when it splits the message
+(the parts share the headers). Policies are pure: no I/O; the time they
+write comes from the envelope's ``Arrival``, so a rerun writes the same
+bytes.
+
+Stage names in ``[policies].stages`` map to policies by :func:`pipeline`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import email.utils
+import re
+from typing import Iterable
+
+from . import queuefile
+from .config import Config, ConfigError
+from .headerblock import HeaderBlock
+from .queuefile import Envelope, Recipient
+
+
+def _arrival(env: Envelope) -> _dt.datetime:
+    try:
+        ts = queuefile.parse_iso(env.arrival)
+    except ValueError:
+        ts = 0.0
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).astimezone()
+
+
+def rfc5322_date(env: Envelope) -> str:
+    """The arrival time as an RFC 5322 §3.3 date-time in local time."""
+    return email.utils.format_datetime(_arrival(env))
+
+
+def applied(env: Envelope) -> list[str]:
+    return [p for p in env.policies.split(",") if p]
+
+
+def mark_applied(env: Envelope, name: str) -> None:
+    if name not in applied(env):
+        env.policies = ",".join([*applied(env), name])
+
+
+class Policy:
+    """Base class; subclasses set ``name`` and implement :meth:`apply`."""
+
+    name = "policy"
+    stage = "policy"  # default stage name when added through the API
+
+    def apply(self, env: Envelope, headers: HeaderBlock) -> list[Envelope] | None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class AddDateHeader(Policy):
+    """Add ``Date:`` (the arrival time) when the message has none
+    (RFC 6409 §8.2: an MSA may add a missing Date)."""
+
+    name = stage = "date"
+
+    def apply(self, env, headers):
+        if not headers.has("date"):
+            headers.append("Date", rfc5322_date(env))
+
+
+class AddMessageIdHeader(Policy):
+    """Add ``Message-ID: <queue-id@hostname>`` when missing (RFC 6409 §8.3)."""
+
+    name = stage = "message-id"
+
+    def __init__(self, hostname: str):
+        self.hostname = hostname
+
+    def apply(self, env, headers):
+        if not headers.has("message-id"):
+            headers.append("Message-ID", f"<{env.queue_id}@{self.hostname}>")
+
+
+def _with_protocol(env: Envelope) -> str:
+    """RFC 3848 transmission types: ESMTP + S (TLS) + A (authenticated)."""
+    return "ESMTP" + ("S" if env.tls else "") + ("A" if env.auth_user else "")
+
+
+def received_clauses(env: Envelope, hostname: str) -> list[str]:
+    """Our ``Received:`` field (RFC 5321 §4.4) as clauses, each kept on
+    one line when folded; the date is always the last."""
+    date = rfc5322_date(env)
+    if env.origin == "local":
+        uid = env.local_uid or "unknown"
+        return [f"by {hostname} (msa, from userid {uid})", f"id {env.queue_id};", date]
+    helo = env.helo or "unknown"
+    out = [f"from {helo} ({env.client_name or 'unknown'} [{env.client_address}])"]
+    if env.tls:
+        version, _, cipher = env.tls.partition(" ")
+        out.append(f"(using {version} with cipher {cipher})" if cipher else f"(using {version})")
+    if env.auth_user:
+        out.append(f"(authenticated as {env.auth_user})")
+    out.append(f"by {hostname} (msa) with {_with_protocol(env)} id {env.queue_id}")
+    if len(env.recipients) == 1:  # only one: do not disclose the others
+        out.append(f"for <{env.recipients[0].address}>")
+    out[-1] += ";"
+    return [*out, date]
+
+
+class AddReceivedHeader(Policy):
+    name = stage = "received"
+
+    def __init__(self, hostname: str):
+        self.hostname = hostname
+
+    def apply(self, env, headers):
+        headers.prepend("Received", received_clauses(env, self.hostname))
+
+
+class RemoveBccHeader(Policy):
+    """Remove ``Bcc`` and ``Resent-Bcc`` so blind recipients stay blind
+    (RFC 5322 §3.6.3)."""
+
+    name = stage = "remove-bcc"
+
+    def apply(self, env, headers):
+        headers.remove("bcc")
+        headers.remove("resent-bcc")
+
+
+def _address_key(address: str) -> str:
+    local, at, domain = address.rpartition("@")
+    return f"{local}@{domain.lower()}" if at else address
+
+
+class Forward(Policy):
+    """Rewrite recipients by regular expression: the first rule whose
+    pattern is found in a recipient replaces it (``re.sub``, once); a
+    replacement may list several addresses separated by commas (an alias).
+    The result is deduplicated (domain compared without case)."""
+
+    name = stage = "forward"
+
+    def __init__(self, rules: Iterable[tuple[str, str]] = ()):
+        self.rules: list[tuple[re.Pattern, str]] = []
+        for pattern, replacement in rules:
+            self.add_mapping(pattern, replacement)
+
+    def add_mapping(self, pattern: str, replacement: str) -> None:
+        try:
+            self.rules.append((re.compile(pattern), replacement))
+        except re.error as exc:
+            raise ConfigError(f"policies.forward: bad pattern {pattern!r}: {exc}") from None
+
+    def rewrite(self, address: str) -> list[str]:
+        for pattern, replacement in self.rules:
+            new, n = pattern.subn(replacement, address, count=1)
+            if n:
+                return [a.strip() for a in new.split(",") if a.strip()]
+        return [address]
+
+    def apply(self, env, headers):
+        seen: set[str] = set()
+        out: list[Recipient] = []
+        for rcpt in env.recipients:
+            for address in self.rewrite(rcpt.address):
+                if any(c in address for c in "\r\n\x00<> ") or len(address) > 254:
+                    address = rcpt.address  # a rule that yields garbage is ignored
+                key = _address_key(address)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(Recipient(address, rcpt.state, rcpt.reply, rcpt.notify,
+                                         rcpt.orcpt or (f"rfc822;{rcpt.address}"
+                                                        if address != rcpt.address else "")))
+        env.recipients = out
+
+
+def recipient_domain(address: str) -> str:
+    return address.rpartition("@")[2].lower() if "@" in address else ""
+
+
+class RecipientDomainSplit(Policy):
+    """One message per recipient domain, so each part goes to one MX
+    (the tutorial's Step 3). Parts keep the order of first appearance;
+    the watcher names them ``<qid>-1``, ``<qid>-2``..."""
+
+    name = stage = "split"
+
+    def apply(self, env, headers):
+        groups: dict[str, list[Recipient]] = {}
+        for rcpt in env.recipients:
+            groups.setdefault(recipient_domain(rcpt.address), []).append(rcpt)
+        if len(groups) <= 1:
+            return None
+        parts = []
+        for i, rcpts in enumerate(groups.values(), 1):
+            part = env.copy()
+            part.recipients = [Recipient(r.address, r.state, r.reply, r.notify, r.orcpt)
+                               for r in rcpts]
+            part.queue_id = f"{env.queue_id}-{i}"
+            parts.append(part)
+        return parts
+
+
+# -- configuration --------------------------------------------------------
+
+def _header_policies(cfg: Config) -> list[Policy]:
+    p = cfg.policies
+    out: list[Policy] = []
+    if p.add_received:
+        out.append(AddReceivedHeader(cfg.server.hostname))
+    if p.add_date:
+        out.append(AddDateHeader())
+    if p.add_message_id:
+        out.append(AddMessageIdHeader(cfg.server.hostname))
+    if p.remove_bcc:
+        out.append(RemoveBccHeader())
+    return out
+
+
+def stage_policies(name: str, cfg: Config) -> list[Policy]:
+    """The policies a stage name in ``[policies].stages`` runs."""
+    host = cfg.server.hostname
+    table = {
+        "headers": lambda: _header_policies(cfg),
+        "forward": lambda: [Forward(_rules(cfg))] if cfg.policies.forward else [],
+        "split": lambda: [RecipientDomainSplit()],
+        "date": lambda: [AddDateHeader()],
+        "message-id": lambda: [AddMessageIdHeader(host)],
+        "received": lambda: [AddReceivedHeader(host)],
+        "remove-bcc": lambda: [RemoveBccHeader()],
+    }
+    if name not in table:
+        raise ConfigError(f"policies.stages: unknown stage {name!r} "
+                          f"(known: {', '.join(sorted(table))})")
+    return table[name]()
+
+
+def _rules(cfg: Config) -> list[tuple[str, str]]:
+    for rule in cfg.policies.forward:
+        if not (isinstance(rule, list) and len(rule) == 2
+                and all(isinstance(x, str) for x in rule)):
+            raise ConfigError(f"policies.forward: each rule is [pattern, replacement], got {rule!r}")
+    return [tuple(r) for r in cfg.policies.forward]
+
+
+def check_stage(name: str, policies: list[Policy]) -> None:
+    """A split must be the last policy of its stage: its parts leave the
+    stage at once."""
+    for p in policies[:-1]:
+        if isinstance(p, RecipientDomainSplit):
+            raise ConfigError(f"stage {name}: RecipientDomainSplit must be last in its stage")
+
+
+def pipeline(cfg: Config) -> list[tuple[str, list[Policy]]]:
+    """(stage directory, policies) in the order a message passes them."""
+    out = []
+    for name in cfg.policies.stages:
+        policies = stage_policies(name, cfg)
+        check_stage(name, policies)
+        out.append((f"policy-{name}", policies))
+    return out

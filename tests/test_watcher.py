@@ -1,0 +1,134 @@
+"""The watcher carries messages through the policy stages to active/."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+import spool.core
+from msa import queuefile
+from msa.store import open_spool
+from msa.watcher import Watcher
+from tests import support
+from tests.daemon_support import MESSAGE, deposit, load_all, make_cfg, smtp_file
+
+THREE = ["bob@one.test", "carol@two.test", "dave@three.test", "erin@one.test"]
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return make_cfg(tmp_path)
+
+
+@pytest.fixture
+def sp(cfg):
+    return open_spool(cfg)
+
+
+def test_three_domains_become_three_files_in_active(cfg, sp):
+    qid = deposit(sp, "incoming", smtp_file(THREE, MESSAGE))
+    assert Watcher(cfg, sp).drain() == 1
+    active = load_all(sp, "active")
+    assert sorted(active) == [f"{qid}-1", f"{qid}-2", f"{qid}-3"]
+    rcpts = {name: [r.address for r in env.recipients] for name, (env, _) in active.items()}
+    assert rcpts == {f"{qid}-1": ["bob@one.test", "erin@one.test"],
+                     f"{qid}-2": ["carol@two.test"], f"{qid}-3": ["dave@three.test"]}
+    for name, (env, message) in active.items():
+        assert env.queue_id == name and env.policies.split(",") == [
+            "received", "date", "message-id", "remove-bcc", "split"]
+        assert message.startswith(b"Received: from client.example (localhost [127.0.0.1])")
+        assert b"(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)" in message
+        assert b"(authenticated as alice)" in message and b"with ESMTPSA id " + qid.encode() in message
+        assert b"\r\nDate: " in message and f"Message-ID: <{qid}@msa.test>".encode() in message
+        assert b"Bcc" not in message and b"secret@example.net" not in message
+        assert b"\r\nSubject: hi\r\nDate: " in message
+        assert message.endswith(f"@msa.test>\r\n\r\nHello.\r\n".encode())
+    for stage in ("incoming", "policy-headers", "policy-forward", "policy-split", "corrupt"):
+        assert list(sp.names(stage)) == []
+
+
+def test_single_domain_is_not_split_and_forward_rewrites(tmp_path):
+    cfg = make_cfg(tmp_path, forward=[[r"^bob@one\.test$", "robert@one.test, erin@one.test"]])
+    sp = open_spool(cfg)
+    qid = deposit(sp, "incoming", smtp_file(["bob@one.test", "erin@one.test"], MESSAGE))
+    Watcher(cfg, sp).drain()
+    active = load_all(sp, "active")
+    assert list(active) == [qid]
+    env, _ = active[qid]
+    assert [r.address for r in env.recipients] == ["robert@one.test", "erin@one.test"]
+    assert env.recipients[0].orcpt == "rfc822;bob@one.test"
+
+
+def test_rerun_after_crash_between_rewrite_and_move_applies_nothing_twice(cfg, sp, monkeypatch):
+    qid = deposit(sp, "incoming", smtp_file(["bob@one.test"], MESSAGE))
+    real_move = spool.core.Claim.move
+
+    def crash_leaving_headers(self, to_stage, *a, **kw):
+        if self.stage == "policy-headers":
+            raise RuntimeError("simulated crash after the rewrite")
+        return real_move(self, to_stage, *a, **kw)
+
+    monkeypatch.setattr(spool.core.Claim, "move", crash_leaving_headers)
+    Watcher(cfg, sp).drain()
+    env, message = load_all(sp, "policy-headers")[qid]
+    assert env.policies and message.count(b"Received:") == 1
+    monkeypatch.setattr(spool.core.Claim, "move", real_move)
+    Watcher(cfg, sp).drain()
+    env, message = load_all(sp, "active")[qid]
+    assert message.count(b"Received:") == 1 and message.count(b"Message-ID:") == 1
+
+
+def test_corrupt_and_oversized_headers_are_quarantined(tmp_path, caplog):
+    cfg = make_cfg(tmp_path, max_header_bytes=4096)
+    sp = open_spool(cfg)
+    sp.deposit("incoming", b"this is not a queue file\n", qid="bad1")
+    truncated = smtp_file(["b@x.test"], MESSAGE)[:-3]
+    sp.deposit("incoming", truncated, qid="bad2")
+    big = b"X-Big: " + b"a" * 5000 + b"\r\n\r\nbody\r\n"
+    sp.deposit("incoming", smtp_file(["b@x.test"], big), qid="big")
+    good = deposit(sp, "incoming", smtp_file(["b@x.test"], MESSAGE))
+    with caplog.at_level("WARNING"):
+        Watcher(cfg, sp).drain()
+    assert sorted(sp.names("corrupt")) == ["bad1", "bad2", "big"]
+    assert list(sp.names("active")) == [good]
+    assert "bad2: moved policy-headers/bad2 to corrupt/: message is" in caplog.text
+    assert "header section larger than 4096" in caplog.text
+
+
+def test_message_without_separator_or_headers(cfg, sp):
+    no_sep = deposit(sp, "incoming", smtp_file(["b@x.test"], b"Subject: x\r\nbody line\r\n"))
+    no_hdr = deposit(sp, "incoming", smtp_file(["b@x.test"], b"\r\njust a body\r\n"))
+    Watcher(cfg, sp).drain()
+    active = load_all(sp, "active")
+    assert b"Subject: x\r\nDate: " in active[no_sep][1]
+    assert active[no_sep][1].endswith(b"@msa.test>\r\n\r\nbody line\r\n")
+    assert active[no_hdr][1].endswith(b"@msa.test>\r\n\r\njust a body\r\n")
+    for env, message in active.values():
+        assert int(env.size) == len(message)
+
+
+def test_run_watches_and_stops(cfg, sp):
+    watcher = Watcher(cfg, sp, workers=2)
+    early = deposit(sp, "incoming", smtp_file(["b@x.test"], MESSAGE))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(watcher.run(),))
+    thread.start()
+    try:
+        support.wait_for(lambda: early in list(sp.names("active")), what="backlog processed")
+        late = deposit(sp, "incoming", smtp_file(["c@y.test", "d@z.test"], MESSAGE))
+        support.wait_for(lambda: len(list(sp.names("active"))) == 3, what="new file processed")
+        assert sorted(sp.names("active")) == sorted([early, f"{late}-1", f"{late}-2"])
+    finally:
+        loop.call_soon_threadsafe(watcher.stop)
+        thread.join(20)
+        loop.close()
+    assert not thread.is_alive()
+
+
+def test_size_of_rewritten_file_matches(cfg, sp):
+    qid = deposit(sp, "incoming", smtp_file(["b@x.test"], MESSAGE))
+    Watcher(cfg, sp).drain()
+    env, offset = queuefile.load(sp.path("active", qid))  # checks Size against the file
+    assert int(env.size) == sp.path("active", qid).stat().st_size - offset
