@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .headers import field_name, is_field_start
+
 CRLF = b"\r\n"
 MAX_HEADER_BYTES = 1024 * 1024
 
@@ -34,14 +36,7 @@ def line_kind(line: bytes, have_fields: bool) -> str:
         return END_EMPTY
     if line[:1] in (b" ", b"\t"):
         return CONTINUATION if have_fields else END_BODY
-    name, colon, _ = line.partition(b":")
-    if colon and name and all(33 <= c <= 126 for c in name):
-        return FIELD
-    return END_BODY
-
-
-def field_name(raw: bytes) -> str:
-    return raw.partition(b":")[0].decode("ascii").strip().lower()
+    return FIELD if is_field_start(line) else END_BODY
 
 
 def field_value(raw: bytes) -> str:

@@ -33,9 +33,10 @@ import stat
 from typing import BinaryIO
 
 from . import queuefile
+from .errors import AddressError
+from .headers import normalize_address
 from .queuefile import MAGIC, MAX_ENVELOPE, Envelope, QueueFileError, Recipient
 
-MAX_ADDRESS = 254       # RFC 5321 §4.5.3.1.3: a path is 256 octets with <>
 MAX_LOCAL_PART = 64     # RFC 5321 §4.5.3.1.1
 NOTIFY_WORDS = {"NEVER", "SUCCESS", "FAILURE", "DELAY"}
 
@@ -77,22 +78,17 @@ def owner(st: os.stat_result) -> pwd.struct_passwd:
 # -- addresses -------------------------------------------------------------
 
 def check_address(address: str, domain: str, allow_null: bool = False) -> str:
-    """A safe, qualified address, or :class:`Refused` (pure)."""
-    if address == "" and allow_null:
-        return ""
-    if any(ord(c) < 32 or ord(c) == 127 for c in address) or any(c in address for c in "<> "):
-        raise Refused(f"address with a control character, space or bracket: {address[:80]!r}")
-    if not address:
-        raise Refused("empty address")
-    if "@" not in address:
-        address = f"{address}@{domain}"
-    local, _, dom = address.rpartition("@")
-    if "@" in local or not local or not dom:
-        raise Refused(f"address needs exactly one @ and both parts: {address[:80]!r}")
-    if len(local.encode()) > MAX_LOCAL_PART or len(address.encode()) > MAX_ADDRESS:
-        raise Refused(f"address too long: {address[:80]!r}")
-    if dom.startswith(".") or dom.endswith(".") or ".." in dom:
-        raise Refused(f"bad domain in {address[:80]!r}")
+    """A safe, qualified address, or :class:`Refused` (pure; the rules are
+    sendmail's :func:`msa.headers.normalize_address`, without its
+    leniency for brackets, plus the local-part limit)."""
+    if any(c in address for c in "<>"):
+        raise Refused(f"address with a bracket: {address[:80]!r}")
+    try:
+        address = normalize_address(address, domain, allow_null)
+    except AddressError as exc:
+        raise Refused(str(exc)) from None
+    if len(address.rpartition("@")[0].encode()) > MAX_LOCAL_PART:
+        raise Refused(f"local part too long: {address[:80]!r}")
     return address
 
 
