@@ -137,6 +137,8 @@ class DaemonConfig:
     log: str = "stderr"  # "stderr" or "syslog"
     log_level: str = "info"
     control_socket: str = ""  # default: <spool>/control
+    # SIGTERM: seconds that work in flight may take to finish.
+    grace: float = 30.0
 
 
 @dataclass

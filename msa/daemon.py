@@ -1,0 +1,264 @@
+"""``msa daemon|edge|watch|deliver``: run the long-lived components.
+
+``msa daemon`` runs the SMTP submission listeners, the watcher and the
+delivery runner in one asyncio loop; ``msa edge``, ``msa watch`` and
+``msa deliver`` run one each (they share nothing but the spool, so they
+may run as separate processes, even as different users). Invariants:
+
+- At start the spool is tidied (:meth:`spool.Spool.recover`) before any
+  component touches it.
+- Listening sockets are bound before privileges are dropped (``--user``),
+  then nothing runs as root.
+- SIGTERM/SIGINT: the listeners stop accepting, work in flight gets
+  ``[daemon].grace`` seconds to finish, every claim is released (a claim
+  is an flock: even an unfinished one is released by the exit), exit 0.
+- SIGHUP or ``reload`` on the control socket: the config file is read
+  again and the listeners take the new certificates and password file
+  (``SmtpEdge.reload``) without dropping open connections; a bad new
+  config is logged and the old one kept.
+- The control socket (``flush``, ``reload``, ``status``) is served by the
+  process that runs the delivery runner (``daemon`` or ``deliver``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import time
+
+from . import config, sysexits, system
+from .control import ControlServer
+from .store import open_spool
+
+log = logging.getLogger("msa.daemon")
+
+COMPONENTS = {
+    "daemon": ("edge", "watch", "deliver"),
+    "edge": ("edge",),
+    "watch": ("watch",),
+    "deliver": ("deliver",),
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    name = argv[0] if argv and argv[0] in COMPONENTS else "daemon"
+    p = argparse.ArgumentParser(prog=f"msa {name}", description={
+        "daemon": "Run the submission listeners, the watcher and the runner.",
+        "edge": "Run the SMTP submission listeners only.",
+        "watch": "Run the policy-stage watcher only.",
+        "deliver": "Run the delivery runner only."}[name])
+    p.add_argument("--config", help="config file (default: $MSA_CONFIG, /etc/msa/msa.toml)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--foreground", action="store_true",
+                      help="stay attached to the terminal (the default)")
+    mode.add_argument("--detach", action="store_true",
+                      help="become a daemon (fork, setsid, stdio to /dev/null)")
+    p.add_argument("--pidfile", help="write the pid here ([daemon].pidfile)")
+    p.add_argument("--user", help="after binding, run as this user ([daemon].user)")
+    p.add_argument("--group", help="and this group ([daemon].group)")
+    p.add_argument("--log", help="stderr, syslog or a file path ([daemon].log)")
+    p.add_argument("--log-level", help="debug, info, warning, error ([daemon].log_level)")
+    opts = p.parse_args(argv[1:])
+    opts.command = name
+    return opts
+
+
+class _Format(logging.Formatter):
+    """Postfix-like: ``msa/watcher[pid]: QID: text``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.component = record.name.replace(".", "/", 1) if record.name.startswith("msa.") \
+            else f"msa/{record.name}"
+        return super().format(record)
+
+
+def setup_logging(where: str, level: str) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if where == "syslog":
+        try:
+            handler: logging.Handler = logging.handlers.SysLogHandler(
+                address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
+            fmt = "%(component)s[%(process)d]: %(message)s"
+        except OSError:
+            handler, fmt = logging.StreamHandler(sys.stderr), None
+    elif where in ("", "stderr"):
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = None
+    else:
+        handler = logging.FileHandler(where)
+        fmt = None
+    handler.setFormatter(_Format(fmt or "%(asctime)s %(component)s[%(process)d]: %(message)s",
+                                 "%b %d %H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def main(argv: list[str]) -> int:
+    opts = parse_args(argv)
+    try:
+        cfg = config.load(opts.config)
+    except config.ConfigError as exc:
+        print(f"msa {opts.command}: {exc}", file=sys.stderr)
+        return sysexits.EX_CONFIG
+    d = cfg.daemon
+    for key in ("pidfile", "user", "group", "log", "log_level"):
+        value = getattr(opts, key)
+        if value:
+            setattr(d, key, os.path.abspath(value) if key == "pidfile" else value)
+    if opts.detach:
+        if d.log in ("", "stderr"):
+            d.log = "syslog"
+        system.detach()
+    setup_logging(d.log, d.log_level)
+    try:
+        spool = open_spool(cfg)
+    except OSError as exc:
+        log.error("spool %s unavailable: %s", cfg.spool.root, exc)
+        return sysexits.EX_UNAVAILABLE
+    if d.pidfile:
+        try:
+            system.write_pidfile(d.pidfile)
+        except OSError as exc:
+            log.error("%s", exc)
+            return sysexits.EX_TEMPFAIL
+    try:
+        return asyncio.run(Daemon(cfg, spool, COMPONENTS[opts.command]).serve())
+    except config.ConfigError as exc:
+        log.error("config: %s", exc)
+        return sysexits.EX_CONFIG
+    finally:
+        if d.pidfile:
+            system.remove_pidfile(d.pidfile)
+
+
+class Daemon:
+    """The components of one process and their lifecycle."""
+
+    def __init__(self, cfg: config.Config, spool, components: tuple[str, ...]):
+        self.cfg, self.spool, self.components = cfg, spool, components
+        self.edges: list = []
+        self.watcher = None
+        self.runner = None
+        self.control: ControlServer | None = None
+        self.started = time.time()
+        self._stop = asyncio.Event()
+
+    # -- building ---------------------------------------------------------
+
+    def build(self) -> None:
+        """Create the components (raises ConfigError early)."""
+        if "edge" in self.components:
+            from .edge import edges_from_config
+            self.edges = list(edges_from_config(self.cfg, self.spool))
+        if "watch" in self.components:
+            from .watcher import Watcher
+            self.watcher = Watcher(self.cfg, self.spool)
+        if "deliver" in self.components:
+            from .runner import Runner
+            self.runner = Runner(self.cfg, self.spool)
+            self.control = ControlServer(self.cfg.control_socket(), {
+                "flush": self.flush, "reload": self.reload, "status": self.status})
+
+    async def start(self) -> None:
+        """Bind everything, then drop privileges."""
+        for edge in self.edges:
+            await edge.start()
+        if self.control is not None:
+            await self.control.start()
+        d = self.cfg.daemon
+        if system.drop_privileges(d.user, d.group):
+            log.info("running as user %s", d.user)
+
+    # -- commands ---------------------------------------------------------
+
+    def flush(self) -> str:
+        if self.runner is None:
+            return "no runner in this process"
+        self.runner.flush()
+        return "flushing"
+
+    def reload(self) -> str:
+        """Read the config again; the listeners take new certificates and
+        passwords. A bad file keeps the old config."""
+        new = config.load(self.cfg.path or None)
+        for edge in self.edges:
+            edge.reload(new)
+        self.cfg = new
+        log.info("reloaded %s", new.path or "built-in defaults")
+        return "reloaded"
+
+    def status(self) -> str:
+        return (f"pid={os.getpid()} components={','.join(self.components)} "
+                f"uptime={int(time.time() - self.started)}")
+
+    def _sighup(self) -> None:
+        try:
+            self.reload()
+        except Exception as exc:  # keep running on the old config
+            log.error("reload failed, keeping the old config: %s", exc)
+
+    # -- running ----------------------------------------------------------
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        recovered = self.spool.recover()
+        if any(recovered.values()):
+            log.info("recovered spool: removed %(tmp)d temp files, %(claims)d claims", recovered)
+        self.build()
+        try:
+            await self.start()
+        except OSError as exc:
+            log.error("cannot start: %s", exc)
+            await self._shutdown([])
+            return sysexits.EX_OSERR
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
+        tasks = []
+        if self.watcher is not None:
+            tasks.append(asyncio.create_task(self.watcher.run(), name="watcher"))
+        if self.runner is not None:
+            tasks.append(asyncio.create_task(self.runner.run(), name="runner"))
+        log.info("started %s (pid %d)", "+".join(self.components), os.getpid())
+        stopper = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        for task in done:
+            if task is not stopper:
+                exc = task.exception()
+                log.error("%s stopped unexpectedly: %r", task.get_name(), exc)
+                code = sysexits.EX_SOFTWARE
+        stopper.cancel()
+        await self._shutdown(tasks)
+        log.info("stopped (pid %d)", os.getpid())
+        return code
+
+    async def _shutdown(self, tasks: list[asyncio.Task]) -> None:
+        grace = self.cfg.daemon.grace
+        if self.control is not None:
+            await self.control.stop()
+        stops = [edge.stop() for edge in self.edges]
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.runner is not None:
+            stops.append(self.runner.stop())
+        pending = [asyncio.ensure_future(s) for s in stops] + list(tasks)
+        if not pending:
+            return
+        done, late = await asyncio.wait(pending, timeout=grace)
+        for task in late:
+            log.warning("did not stop within %.0fs grace: %s", grace,
+                        getattr(task, "get_name", lambda: task)())
+            task.cancel()
+        for task in done:
+            with contextlib.suppress(asyncio.CancelledError):
+                if task.exception() is not None:
+                    log.error("error while stopping: %r", task.exception())

@@ -1,0 +1,71 @@
+"""``msa watch`` as a real process: start, work, SIGHUP, SIGTERM, pid file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from msa import config
+from msa.store import open_spool
+from tests import support
+from tests.daemon_support import MESSAGE, deposit, smtp_file
+
+
+def _start(cfg_path, *args):
+    return support.Proc([sys.executable, str(support.BIN / "msa"), "watch",
+                         "--config", str(cfg_path), *args],
+                        env=support.msa_env(), stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT)
+
+
+def test_watch_process_runs_reloads_and_stops_cleanly(tmp_path):
+    path = support.write_config(tmp_path)
+    cfg = config.load(str(path))
+    sp = open_spool(cfg)
+    pidfile = tmp_path / "msa.pid"
+    # A temp file of a dead writer is tidied at start.
+    (sp.root / "tmp" / "0000000000000FFFFFF000.999999999").write_bytes(b"junk")
+    proc = _start(path, "--pidfile", str(pidfile))
+    try:
+        qid = deposit(sp, "incoming", smtp_file(["b@x.test"], MESSAGE))
+        support.wait_for(lambda: qid in list(sp.names("active")), what="message in active/")
+        assert int(pidfile.read_text()) == proc.p.pid
+        assert list(sp.names("tmp")) == []
+        os.kill(proc.p.pid, signal.SIGHUP)
+        os.kill(proc.p.pid, signal.SIGTERM)
+        assert proc.p.wait(30) == 0
+    finally:
+        out = proc.output()
+    assert "started watch" in out and "reloaded" in out and "stopped" in out, out
+    assert f"{qid}: policies done, queued in active/" in out
+    assert not pidfile.exists()
+
+
+def test_second_daemon_with_the_same_pidfile_refuses(tmp_path):
+    path = support.write_config(tmp_path)
+    pidfile = tmp_path / "msa.pid"
+    first = _start(path, "--pidfile", str(pidfile))
+    try:
+        support.wait_for(pidfile.exists, what="pid file")
+        second = subprocess.run([sys.executable, str(support.BIN / "msa"), "watch", "--config",
+                                 str(path), "--pidfile", str(pidfile)], capture_output=True,
+                                text=True, env=support.msa_env(), timeout=60)
+        assert second.returncode == 75 and "already running" in second.stderr
+    finally:
+        assert first.stop() == 0
+
+
+def test_bad_config_exits_78(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[policies]\nstages = ['nonsense']\n")
+    proc = subprocess.run([sys.executable, str(support.BIN / "msa"), "watch", "--config",
+                           str(bad)], capture_output=True, text=True, env=support.msa_env(),
+                          cwd=tmp_path, timeout=60)
+    assert proc.returncode == 78 and "unknown stage 'nonsense'" in proc.stderr
+    bad.write_text("[daemon]\nnope = 1\n")
+    proc = subprocess.run([sys.executable, str(support.BIN / "msa"), "watch", "--config",
+                           str(bad)], capture_output=True, text=True, env=support.msa_env(),
+                          cwd=tmp_path, timeout=60)
+    assert proc.returncode == 78 and "unknown key daemon.nope" in proc.stderr
