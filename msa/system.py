@@ -18,6 +18,8 @@ import os
 import pwd
 import sys
 
+from spool.core import _alive  # a pid file names a live process or is stale
+
 
 class SystemError_(OSError):
     """A process-level step failed (unknown user, daemon already running)."""
@@ -67,16 +69,6 @@ def _fileno(stream) -> int | None:
         return stream.fileno()
     except (OSError, ValueError, AttributeError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def read_pidfile(path: str) -> int | None:
