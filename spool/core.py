@@ -33,6 +33,7 @@ Nothing here knows about mail.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
 import logging
@@ -84,10 +85,35 @@ def valid_name(name: str) -> bool:
             and all(c.isalnum() or c in "-_" for c in name))
 
 
-def fsync_dir(path: Path | str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_dir(path: Path | str, entry: str | None = None) -> None:
+    """Make the directory's entries durable.
+
+    A writer that may not read the directory (an unprivileged user putting
+    a file into a write-only ``maildrop/``, mode 1733) cannot open it to
+    fsync it; then, when ``entry`` names a file in it that the writer can
+    open, ``syncfs(2)`` on that file flushes its whole filesystem, the new
+    directory entry included.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except PermissionError:
+        if entry is None:
+            raise
+        _syncfs(os.path.join(path, entry))
+        return
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _syncfs(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
     finally:
         os.close(fd)
 
@@ -143,7 +169,7 @@ class Writer:
                 raise SpoolError(f"{self.stage}/{self.qid} exists")
             os.rename(self.tmp_path, dest)
             if sync_dir:
-                fsync_dir(dest.parent)
+                fsync_dir(dest.parent, dest.name)
         except OSError as exc:
             self.abort()
             raise _full(exc) from exc
