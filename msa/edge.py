@@ -1,0 +1,297 @@
+"""The SMTP submission edge: listeners on 587 (STARTTLS) and 465 (implicit
+TLS, RFC 8314) that put accepted mail into the spool's ``incoming/``.
+
+From the tutorial::
+
+    edge = SmtpEdge(('', 587), queue, tls={'keyfile': ..., 'certfile': ...},
+                    auth_class=MyAuth, validator_class=MyValidators)
+    ssl_edge = SmtpEdge(('', 465), queue, tls=tls_args, tls_immediately=True,
+                        auth_class=MyAuth, validator_class=MyValidators)
+    await edge.start(); await ssl_edge.start()
+
+and from the config: ``edges_from_config(cfg, spool)``.
+
+Decisions (the session rules are in :mod:`msa.edgesession`):
+
+- ``queue`` is a :class:`spool.Spool` or anything with a ``.spool``.
+- AUTH is required before MAIL unless ``require_auth=False`` is passed
+  explicitly: the tutorial's first, auth-less edge would be an open relay,
+  so here it must be asked for by name.
+- ``auth_class`` may be an :class:`msa.auth.Auth` subclass (made once per
+  session with the session, as slimta does) or an instance.
+- Settings are a snapshot taken when a connection is accepted:
+  :meth:`SmtpEdge.reload` changes limits, the password file and the sender
+  map for new connections only, and loads a new certificate into the live
+  TLS context (:func:`msa.tlsconf.reload_into`) without touching
+  established sessions.
+- :meth:`SmtpEdge.stop` stops accepting, closes idle sessions with
+  ``421 4.3.2`` at once, lets sessions inside a mail transaction finish
+  it (up to ``shutdown_grace`` seconds), then closes the rest.
+- Memory per session is bounded: a message is held in memory up to
+  ``memory_limit`` bytes (256 KiB), beyond that in an unnamed file in the
+  spool's ``tmp/``; the header section kept for the From check is bounded
+  by ``max_header_size``. argon2 verification runs in a pool of
+  :data:`AUTH_WORKERS` threads (each verification takes 64 MiB).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import inspect
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+from spool import GroupSync, Spool
+
+from . import tlsconf
+from .auth import Auth, PasswdFileAuth, SenderPolicy
+from .config import Config, ConfigError, EdgeConfig
+from .edgesession import SmtpSession
+
+log = logging.getLogger("msa.edge")
+
+AUTH_WORKERS = 2
+_DEFAULTS = EdgeConfig()
+_auth_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_group_syncs: dict[str, GroupSync] = {}
+
+
+def auth_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _auth_pool
+    if _auth_pool is None:
+        _auth_pool = concurrent.futures.ThreadPoolExecutor(
+            AUTH_WORKERS, thread_name_prefix="msa-auth")
+    return _auth_pool
+
+
+def group_sync_for(spool: Spool, stage: str) -> GroupSync:
+    """One GroupSync per stage directory, shared by every edge of a process."""
+    path = str(spool.root / stage)
+    if path not in _group_syncs:
+        _group_syncs[path] = GroupSync(path)
+    return _group_syncs[path]
+
+
+@dataclass
+class EdgeSettings:
+    """What a session needs; a new connection takes the current one."""
+
+    spool: Spool
+    stage: str
+    hostname: str
+    implicit_tls: bool
+    tls_context: ssl.SSLContext | None
+    auth: Any
+    validator_class: Any
+    senders: SenderPolicy
+    require_auth: bool
+    max_message_size: int
+    max_recipients: int
+    command_timeout: float
+    data_timeout: float
+    max_errors: int
+    max_auth_failures: int
+    auth_failure_delay: float
+    max_connections: int
+    memory_limit: int
+    max_header_size: int
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:587"``, ``"[::1]:587"``, ``":587"``/``"*:587"`` (all)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"[edge] bad listen address {text!r} (want host:port)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(f"[edge] write IPv6 addresses in brackets: {text!r}")
+    return ("" if host in ("", "*") else host), int(port)
+
+
+class SmtpEdge:
+    """One listening address. See the module docstring."""
+
+    def __init__(self, address: tuple[str, int], queue: Any, tls: Any = None,
+                 tls_immediately: bool = False, auth_class: Any = None,
+                 validator_class: Any = None, hostname: str | None = None, *,
+                 max_message_size: int = _DEFAULTS.max_message_size,
+                 max_recipients: int = _DEFAULTS.max_recipients,
+                 command_timeout: float = _DEFAULTS.command_timeout,
+                 data_timeout: float = _DEFAULTS.data_timeout,
+                 max_errors: int = _DEFAULTS.max_errors,
+                 max_auth_failures: int = _DEFAULTS.max_auth_failures,
+                 auth_failure_delay: float = _DEFAULTS.auth_failure_delay,
+                 max_connections: int = _DEFAULTS.max_connections,
+                 senders: dict[str, list[str]] | SenderPolicy | None = None,
+                 sender_domain: str = "", allow_login_address: bool = True,
+                 require_auth: bool = True, shutdown_grace: float = 30.0,
+                 stage: str = "incoming", memory_limit: int = 256 * 1024,
+                 max_header_size: int = 256 * 1024):
+        spool = queue if isinstance(queue, Spool) else getattr(queue, "spool", None)
+        if not isinstance(spool, Spool):
+            raise TypeError("queue must be a spool.Spool or have a .spool")
+        ctx = tlsconf.context_from(tls)
+        if tls_immediately and ctx is None:
+            raise ValueError("tls_immediately needs tls")
+        if not isinstance(senders, SenderPolicy):
+            senders = SenderPolicy(senders, sender_domain, allow_login_address)
+        self.address = (address[0] or "", int(address[1]))
+        self.shutdown_grace = shutdown_grace
+        self.settings = EdgeSettings(
+            spool=spool, stage=stage, hostname=hostname or _fqdn(),
+            implicit_tls=tls_immediately, tls_context=ctx, auth=auth_class,
+            validator_class=validator_class, senders=senders, require_auth=require_auth,
+            max_message_size=max_message_size, max_recipients=max_recipients,
+            command_timeout=command_timeout, data_timeout=data_timeout,
+            max_errors=max_errors, max_auth_failures=max_auth_failures,
+            auth_failure_delay=auth_failure_delay, max_connections=max_connections,
+            memory_limit=memory_limit, max_header_size=max_header_size)
+        self.group_sync = group_sync_for(spool, stage)
+        self.stopping = False
+        self._server: asyncio.AbstractServer | None = None
+        self._sessions: set[SmtpSession] = set()
+        self._drained: asyncio.Event | None = None
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        implicit = s.implicit_tls
+        self._server = await loop.create_server(
+            lambda: SmtpSession(self, self.settings), host=self.address[0] or None,
+            port=self.address[1], reuse_address=True,
+            ssl=s.tls_context if implicit else None,
+            ssl_handshake_timeout=s.command_timeout if implicit else None)
+        log.info("listening on %s (%s)", self.describe(),
+                 "implicit TLS" if implicit else "STARTTLS" if s.tls_context else "no TLS")
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.shutdown_grace if grace is None else grace
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        for session in list(self._sessions):
+            session.shutdown()
+        if self._drained is not None:
+            try:
+                await asyncio.wait_for(self._drained.wait(), grace)
+            except asyncio.TimeoutError:
+                log.warning("%d sessions still open after %.0fs; closing them",
+                            len(self._sessions), grace)
+                for session in list(self._sessions):
+                    session._close_now(f"421 4.3.2 {session.hostname} Service shutting down")
+                try:
+                    await asyncio.wait_for(self._drained.wait(), 6.0)
+                except asyncio.TimeoutError:
+                    pass
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    def reload(self, cfg: Config) -> None:
+        """New limits, password file, sender map and certificate for new
+        connections (see module docstring). A bad certificate raises
+        :class:`ConfigError` and changes nothing."""
+        e, old = cfg.edge, self.settings
+        auth = old.auth
+        if isinstance(auth, PasswdFileAuth):
+            auth = (auth if auth.path == cfg.auth.passwd_file
+                    else PasswdFileAuth(cfg.auth.passwd_file))
+            auth.refresh()
+        if old.tls_context is not None and e.certfile:
+            try:
+                tlsconf.reload_into(old.tls_context, e.certfile, e.keyfile)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"[edge] cannot load {e.certfile}: {exc}") from None
+        self.settings = dataclasses.replace(
+            old, hostname=cfg.server.hostname, auth=auth, senders=_sender_policy(cfg),
+            **_limits(e))
+        log.info("reloaded settings for %s", self.describe())
+
+    # -- what sessions call -------------------------------------------------
+
+    def _register(self, session: SmtpSession) -> bool:
+        if len(self._sessions) >= session.settings.max_connections:
+            return False
+        self._sessions.add(session)
+        if self._drained is not None:
+            self._drained.clear()
+        return True
+
+    def _unregister(self, session: SmtpSession) -> None:
+        self._sessions.discard(session)
+        if not self._sessions and self._drained is not None:
+            self._drained.set()
+
+    async def verify(self, auth: Any, session: Any, login: str, password: str) -> str:
+        backend = auth(session) if isinstance(auth, type) else auth
+        if inspect.iscoroutinefunction(backend.verify_secret):
+            return await backend.verify_secret(login, password, None)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(auth_pool(), backend.verify_secret,
+                                          login, password, None)
+
+    @staticmethod
+    def senders_for(auth: Any, user: str) -> list[str]:
+        if isinstance(auth, Auth):
+            return list(auth.senders_for(user))
+        return []
+
+    # -- information ----------------------------------------------------------
+
+    @property
+    def sockets(self) -> list:
+        return list(self._server.sockets) if self._server else []
+
+    @property
+    def port(self) -> int:
+        return self.sockets[0].getsockname()[1] if self.sockets else self.address[1]
+
+    def describe(self) -> str:
+        host = self.address[0] or "*"
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+def _fqdn() -> str:
+    import socket
+    return socket.getfqdn()
+
+
+def _limits(e: EdgeConfig) -> dict[str, Any]:
+    return dict(max_message_size=e.max_message_size, max_recipients=e.max_recipients,
+                command_timeout=e.command_timeout, data_timeout=e.data_timeout,
+                max_errors=e.max_errors, max_auth_failures=e.max_auth_failures,
+                auth_failure_delay=e.auth_failure_delay, max_connections=e.max_connections)
+
+
+def _sender_policy(cfg: Config) -> SenderPolicy:
+    return SenderPolicy(cfg.auth.senders, cfg.domain, cfg.auth.allow_login_address)
+
+
+def edges_from_config(cfg: Config, spool: Spool) -> list[SmtpEdge]:
+    """The submission (STARTTLS) and submissions (implicit TLS) listeners
+    of ``[edge]``, one :class:`SmtpEdge` per address; they share the TLS
+    context, the password file and the incoming/ group commit."""
+    e = cfg.edge
+    if not (e.submission or e.submissions):
+        return []
+    if not e.certfile:
+        raise ConfigError("[edge] certfile is needed: AUTH is only offered under TLS")
+    try:
+        ctx = tlsconf.server_context(e.certfile, e.keyfile or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"[edge] cannot load {e.certfile}: {exc}") from None
+    common = dict(tls=ctx, auth_class=PasswdFileAuth(cfg.auth.passwd_file),
+                  hostname=cfg.server.hostname, senders=_sender_policy(cfg), **_limits(e))
+    edges = [SmtpEdge(parse_listen(a), spool, **common) for a in e.submission]
+    edges += [SmtpEdge(parse_listen(a), spool, tls_immediately=True, **common)
+              for a in e.submissions]
+    return edges

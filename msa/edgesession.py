@@ -1,0 +1,686 @@
+"""One SMTP submission session: aiosmtpd's protocol with our commands.
+
+aiosmtpd gives the connection plumbing we keep: the STARTTLS upgrade
+(which drops plaintext pipelined after STARTTLS, RFC 3207 §4.2 and §6),
+the AUTH PLAIN/LOGIN exchanges (its ``auth_*`` methods, used here only to
+decode credentials), and QUIT/NOOP/RSET/HELP/VRFY. We replace what must
+behave differently:
+
+- the command loop: per-command limits (:mod:`msa.smtpcmd`), CRLF-only
+  command lines, a counted error budget (``421 4.7.0`` when spent), the
+  command timeout answered with ``421 4.4.2`` before closing, and a clean
+  ``421 4.3.2`` when the edge stops;
+- EHLO (the extensions we offer; AUTH only under TLS, whether implicit or
+  after STARTTLS: aiosmtpd's ``auth_require_tls`` does not see implicit
+  TLS), AUTH (argon2 in a thread, failure delay and limit), MAIL, RCPT;
+- DATA, which aiosmtpd would buffer whole in memory: we read the stream in
+  chunks through :class:`msa.smtpdata.DataReader` into a :class:`BodySink`
+  (memory up to a bound, then an unnamed file in the spool's ``tmp/``).
+
+Durability (DESIGN invariant 1): ``250`` is sent only after the queue file
+was written in ``tmp/``, fsynced and renamed into ``incoming/`` (in a
+worker thread), and a directory fsync that began after the rename has
+completed (:class:`spool.GroupSync`, shared by concurrent sessions).
+Nothing is acknowledged on any error: a refused DATA leaves no file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import tempfile
+import time
+from typing import Any, Iterator
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope as _AioEnvelope
+from aiosmtpd.smtp import Session as _AioSession, TLSSetupException
+
+from spool import SpoolError, SpoolFull, new_id
+
+from . import queuefile, smtpcmd, smtpdata, tlsconf
+from .auth import CredentialsInvalidError
+from .errors import MsaError
+from .validators import Reply, SmtpValidators, enhance
+
+log = logging.getLogger("msa.edge")
+# aiosmtpd logs every connection and command at INFO under "mail.log"; our
+# own one-line-per-event log replaces it.
+logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+READ_CHUNK = 65536
+FOREVER = 10 ** 9
+
+
+class EdgeSession(_AioSession):
+    """What validators see as ``self.session``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        super().__init__(loop)
+        self.auth_result: str | None = None     # the user name after AUTH
+        self.auth_method = ""
+        self.tls = ""                            # "TLSv1.3 TLS_AES_..." or ""
+        self.senders: list[str] = []             # extra owned addresses
+
+    @property
+    def address(self) -> tuple:
+        return self.peer
+
+    @property
+    def client_ip(self) -> str:
+        return str(self.peer[0]) if self.peer else ""
+
+    @property
+    def helo(self) -> str | None:
+        return self.host_name
+
+
+class Transaction(_AioEnvelope):
+    """The envelope of the mail transaction in progress."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.params = smtpcmd.MailParams()
+        self.recipients: list[queuefile.Recipient] = []
+
+
+class BodySink:
+    """Where a message goes while it is read: memory up to ``memory_limit``
+    bytes, then an unnamed temp file (O_TMPFILE) in ``spill_dir``, which
+    disappears by itself if the process dies."""
+
+    def __init__(self, spill_dir: str, memory_limit: int):
+        self.spill_dir, self.memory_limit = spill_dir, memory_limit
+        self.buf = bytearray()
+        self.file: Any = None
+        self.size = 0
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        self.size += len(data)
+        try:
+            if self.file is None and len(self.buf) + len(data) <= self.memory_limit:
+                self.buf += data
+                return
+            if self.file is None:
+                self.file = tempfile.TemporaryFile(dir=self.spill_dir)
+                self.file.write(self.buf)
+                self.buf = bytearray()
+            self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            self.close()
+
+    def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
+        if self.file is None:
+            yield bytes(self.buf)
+            return
+        self.file.flush()
+        self.file.seek(0)
+        while True:
+            data = self.file.read(size)
+            if not data:
+                return
+            yield data
+
+    def close(self) -> None:
+        self.buf = bytearray()
+        file, self.file = self.file, None
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.close()
+
+
+def store_message(spool, stage: str, env: queuefile.Envelope, sink: BodySink) -> str:
+    """Write envelope + message into ``tmp/``, fsync, rename into the stage
+    (the directory fsync is the caller's, shared). Runs in a thread."""
+    with spool.writer(stage, env.queue_id) as w:
+        w.write(env.to_bytes())
+        for chunk in sink.chunks():
+            w.write(chunk)
+        return w.commit(sync_dir=False)
+
+
+def _capture(server, session, envelope, mechanism, auth_data) -> AuthResult:
+    """aiosmtpd authenticator that only hands the decoded credentials back:
+    verifying them is ours (in a thread, with delays and limits)."""
+    return AuthResult(success=True, auth_data=auth_data)
+
+
+class _NoHooks:
+    """aiosmtpd wants a handler; every command it would hand over is ours."""
+
+
+class SmtpSession(SMTP):
+    """aiosmtpd's SMTP protocol with msa's submission rules."""
+
+    def __init__(self, edge: Any, settings: Any):
+        self.edge, self.settings = edge, settings
+        self._errors = 0
+        self._failed_logins = 0
+        self._implicit_tls = False
+        self._refused = False
+        self._idle = False
+        self._registered = False
+        self.validators: SmtpValidators | None = None
+        super().__init__(
+            _NoHooks(), data_size_limit=settings.max_message_size,
+            enable_SMTPUTF8=True, decode_data=False, hostname=settings.hostname,
+            ident="ESMTP msa", tls_context=None if settings.implicit_tls else settings.tls_context,
+            timeout=settings.command_timeout, auth_required=settings.require_auth,
+            auth_require_tls=True, authenticator=_capture,
+            loop=asyncio.get_running_loop())
+
+    # -- connection ---------------------------------------------------------
+
+    def _create_session(self) -> EdgeSession:
+        return EdgeSession(self.loop)
+
+    def _create_envelope(self) -> Transaction:
+        return Transaction()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first:
+            self._implicit_tls = transport.get_extra_info("sslcontext") is not None
+            self._refused = not self.edge._register(self)
+            self._registered = not self._refused
+        self.session.tls = tlsconf.describe(self.transport.get_extra_info("ssl_object"))
+        cls = self.settings.validator_class or SmtpValidators
+        self.validators = cls(self.session)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._registered:
+            self._registered = False
+            self.edge._unregister(self)
+        super().connection_lost(error)
+
+    def _tls_active(self) -> bool:
+        return self._implicit_tls or self._tls_protocol is not None
+
+    def _arm(self, seconds: float) -> None:
+        self._reset_timeout(seconds)
+
+    def _timeout_cb(self) -> None:
+        log.info("timeout after %s from %s", self._phase(), self._client())
+        self._close_now(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
+
+    def _close_now(self, line: str) -> None:
+        """Say ``line`` and close, without waiting for the client (a stuck
+        client cannot hold the session: the transport is aborted later)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(line.encode() + b"\r\n")
+        transport.close()
+        self.loop.call_later(5.0, self._abort, transport)
+
+    def _abort(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()
+        if self._original_transport is not None:
+            self._original_transport.abort()
+
+    def _client(self) -> str:
+        return f"{self.session.host_name or 'unknown'}[{self.session.client_ip}]"
+
+    def _phase(self) -> str:
+        return "DATA" if self._in_data else "command"
+
+    _in_data = False
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    def shutdown(self) -> None:
+        """The edge stops: close now if between transactions and waiting
+        for a command, else after the transaction (see the loop)."""
+        if self._idle:
+            self._close_now(f"421 4.3.2 {self.hostname} Service shutting down")
+
+    # -- replies ------------------------------------------------------------
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, bytes):
+            status = status.decode("utf-8", "replace")
+        status = enhance(status)
+        if status[:1] in ("4", "5"):
+            self._errors += 1
+            log.info("reject: %s from %s: %s", self._command, self._client(), status)
+        await super().push(status)
+
+    async def _push_raw(self, line: str) -> None:
+        await SMTP.push(self, line)
+
+    _command = ""
+
+    async def _hook(self, name: str, reply: Reply, *args: Any) -> Reply:
+        fn = getattr(self.validators, "handle_" + name, None)
+        if fn is None:
+            return reply
+        try:
+            params = inspect.signature(fn).parameters
+            nargs = len([p for p in params.values()
+                         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
+        except (TypeError, ValueError):
+            nargs = 1 + len(args)
+        result = fn(reply, *args[:max(0, nargs - 1)])
+        if inspect.isawaitable(result):
+            await result
+        return reply
+
+    async def _close_with(self, line: str) -> None:
+        await self._push_raw(line)
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- the command loop ---------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        log.info("connect from %s tls=%s", self._client(), self.session.tls or "none")
+        if self._refused:
+            await self._close_with(f"421 4.7.0 {self.hostname} Error: too many connections")
+            return
+        reply = Reply("220", f"{self.hostname} ESMTP msa")
+        await self._hook("banner", reply, self.session.peer)
+        await self._push_raw(f"{reply.code} {reply.message}")
+        if not reply.positive():
+            self.transport.close()
+            return
+        while self.transport is not None:
+            if self.edge.stopping and not self.in_transaction:
+                await self._close_with(f"421 4.3.2 {self.hostname} Service shutting down")
+                return
+            try:
+                await self._one_command()
+            except asyncio.CancelledError:
+                self._writer.close()
+                raise
+            except (ConnectionError, asyncio.IncompleteReadError):
+                self._writer.close()
+                return
+            except TLSSetupException:
+                log.info("TLS handshake failed from %s", self._client())
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            except Exception:
+                log.exception("internal error in session with %s", self._client())
+                await self.push("451 4.3.0 Internal error")
+            if self._errors >= self.settings.max_errors and self.transport is not None:
+                log.info("too many errors from %s", self._client())
+                await self._close_with(f"421 4.7.0 {self.hostname} Error: too many errors")
+                return
+
+    async def _one_command(self) -> None:
+        timeout = self.settings.command_timeout
+        self._idle = not self.in_transaction
+        self._arm(timeout)
+        line = await self._read_line(smtpcmd.MAX_LINE_READ)
+        self._idle = False
+        self._arm(timeout)
+        if line is None:
+            self._command = "line"
+            await self.push("500 5.5.2 Line too long")
+            return
+        try:
+            verb, arg = smtpcmd.split_command(line)
+        except MsaError as exc:
+            self._command = "line"
+            await self.push(exc.reply())
+            return
+        self._command = verb
+        method = self._smtp_methods.get(verb)
+        if method is None:
+            await self.push("500 5.5.1 Error: command not recognized")
+            return
+        try:
+            await method(arg or None)
+        except MsaError as exc:          # a parse error carries its reply
+            await self.push(exc.reply())
+
+    async def _read_line(self, limit: int) -> bytes | None:
+        """One line through LF; None (after reading to its end) if longer
+        than ``limit``. The stream buffer itself never holds more than
+        aiosmtpd's line limit plus one read."""
+        buf, too_long = bytearray(), False
+        while True:
+            try:
+                part = await self._reader.readuntil(b"\n")
+                done = True
+            except asyncio.LimitOverrunError as exc:
+                part = await self._reader.read(exc.consumed)
+                done = False
+            if not too_long:
+                buf += part
+                if len(buf) > limit:
+                    too_long, buf = True, bytearray()
+            if done:
+                return None if too_long else bytes(buf)
+
+    # -- commands -----------------------------------------------------------
+
+    async def _need_helo(self) -> bool:
+        if not self.session.host_name:
+            await self.push("503 5.5.1 Error: send HELO/EHLO first")
+            return True
+        return False
+
+    async def _need_auth(self) -> bool:
+        if self.settings.require_auth and not self.session.auth_result:
+            await self.push("530 5.7.0 Authentication required")
+            return True
+        return False
+
+    async def smtp_HELO(self, arg: str | None) -> None:
+        await self._greet(arg, extended=False)
+
+    async def smtp_EHLO(self, arg: str | None) -> None:
+        await self._greet(arg, extended=True)
+
+    async def _greet(self, name: str | None, extended: bool) -> None:
+        verb = "EHLO" if extended else "HELO"
+        if not name or " " in name or len(name) > 255:
+            await self.push(f"501 5.5.4 Syntax: {verb} hostname")
+            return
+        self._set_rset_state()
+        reply = Reply("250", self.hostname)
+        await self._hook("ehlo", reply, name)
+        if not reply.positive():
+            await self.push(reply.line())
+            return
+        self.session.host_name = name
+        self.session.extended_smtp = extended
+        if not extended:
+            await self._push_raw(f"250 {reply.message}")
+            return
+        lines = [reply.message, f"SIZE {self.settings.max_message_size}", "PIPELINING",
+                 "8BITMIME", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES"]
+        if self.tls_context is not None and not self._tls_active():
+            lines.append("STARTTLS")
+        if self._tls_active() and self.settings.auth is not None:
+            lines.append("AUTH PLAIN LOGIN")
+        for line in lines[:-1]:
+            await self._push_raw(f"250-{line}")
+        await self._push_raw(f"250 {lines[-1]}")
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        if self._tls_active():
+            await self.push("503 5.5.1 Error: TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        s = self.session
+        if await self._need_helo():
+            return
+        if not s.extended_smtp or self.settings.auth is None:
+            await self.push("502 5.5.1 Error: AUTH not available")
+            return
+        if not self._tls_active():
+            # RFC 4954 §4 and §6: AUTH PLAIN/LOGIN only under TLS.
+            await self.push("538 5.7.11 Encryption required for requested "
+                            "authentication mechanism")
+            return
+        if s.auth_result:
+            await self.push("503 5.5.1 Error: already authenticated")
+            return
+        if self.in_transaction:
+            await self.push("503 5.5.1 Error: AUTH not permitted during a mail transaction")
+            return
+        args = (arg or "").split()
+        if not args or len(args) > 2:
+            await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return
+        mechanism = args[0].upper()
+        if mechanism not in ("PLAIN", "LOGIN"):
+            await self.push("504 5.5.4 Unrecognized authentication type")
+            return
+        try:
+            result = await self._auth_methods[mechanism].method(self, [mechanism, *args[1:]])
+        except ValueError:          # a challenge response over the line limit
+            await self.push("500 5.5.2 Line too long")
+            return
+        if not result.success:
+            return                  # aiosmtpd already said 501 (bad base64, '*')
+        await self._verify(mechanism, result.auth_data.login, result.auth_data.password)
+
+    async def _verify(self, mechanism: str, login: bytes, password: bytes) -> None:
+        s = self.session
+        self._arm(FOREVER)
+        try:
+            user = await self.edge.verify(self.settings.auth, s, login.decode("utf-8"),
+                                          password.decode("utf-8"))
+        except (CredentialsInvalidError, UnicodeDecodeError):
+            user = None
+        except Exception:
+            log.exception("authentication backend failed for %s", self._client())
+            self._arm(self.settings.command_timeout)
+            await self.push("454 4.7.0 Temporary authentication failure")
+            return
+        if user is None:
+            self._failed_logins += 1
+            log.warning("%s: SASL %s authentication failed: user=%s", self._client(),
+                        mechanism, login.decode("utf-8", "replace")[:64])
+            await asyncio.sleep(self.settings.auth_failure_delay)
+            self._arm(self.settings.command_timeout)
+            await self.push("535 5.7.8 Authentication credentials invalid")
+            if self._failed_logins >= self.settings.max_auth_failures:
+                await self._close_with(f"421 4.7.0 {self.hostname} Error: too many "
+                                       "authentication failures")
+            return
+        self._arm(self.settings.command_timeout)
+        reply = Reply("235", "2.7.0 Authentication successful")
+        await self._hook("auth", reply, user)
+        if reply.code.startswith("2"):
+            s.auth_result, s.auth_method, s.authenticated = user, mechanism, True
+            s.senders = self.edge.senders_for(self.settings.auth, user)
+            log.info("%s: sasl_method=%s, sasl_username=%s", self._client(), mechanism, user)
+        await self.push(reply.line())
+
+    def _owns(self, address: str) -> bool:
+        user = self.session.auth_result
+        return bool(user) and self.settings.senders.allowed(user, address, self.session.senders)
+
+    async def _ready(self, need_mail: bool) -> bool:
+        """HELO/EHLO, AUTH and (for RCPT and DATA) MAIL came first."""
+        if await self._need_helo() or await self._need_auth():
+            return False
+        if need_mail and not self.in_transaction:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return False
+        return True
+
+    def _path_arg(self, arg: str | None, keyword: str, null_ok: bool = False) -> tuple[str, str]:
+        """``FROM:<path> params`` -> (address, params text), or raise."""
+        if not arg or arg[:len(keyword)].upper() != keyword:
+            verb = "MAIL" if keyword == "FROM:" else "RCPT"
+            raise smtpcmd.error(501, "5.5.4", f"Syntax: {verb} {keyword}<address>")
+        address, rest = smtpcmd.parse_path(arg[len(keyword):], null_ok=null_ok)
+        if rest and not self.session.extended_smtp:
+            raise smtpcmd.error(501, "5.5.4", "Parameters need EHLO")
+        return address, rest
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if not await self._ready(need_mail=False):
+            return
+        if self.in_transaction:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        address, rest = self._path_arg(arg, "FROM:", null_ok=True)
+        params = smtpcmd.parse_mail_params(rest)
+        if params.size is not None and params.size > self.settings.max_message_size:
+            await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
+            return
+        if not address.isascii() and not params.smtputf8:
+            await self.push("553 5.6.7 Non-ASCII address requires SMTPUTF8")
+            return
+        if address and "@" not in address:
+            await self.push("553 5.1.7 Sender address must be fully qualified")
+            return
+        # The null sender is allowed to an authenticated user, as Postfix's
+        # reject_sender_login_mismatch does (MDNs and DSNs use it); the
+        # From header is still checked after DATA.
+        if self.session.auth_result and address and not self._owns(address):
+            await self.push(f"553 5.7.1 <{address}>: Sender address rejected: "
+                            f"not owned by user {self.session.auth_result}")
+            return
+        reply = Reply("250", "2.1.0 Sender <{0}> ok")
+        await self._hook("mail", reply, address, smtpcmd.parse_params(rest))
+        if reply.code.startswith("2"):
+            self.envelope.mail_from = address
+            self.envelope.params = params
+            self.envelope.smtp_utf8 = params.smtputf8
+        await self.push(reply.line(address))
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if not await self._ready(need_mail=True):
+            return
+        address, rest = self._path_arg(arg, "TO:")
+        params = smtpcmd.parse_rcpt_params(rest, utf8=self.envelope.params.smtputf8)
+        if not address.isascii() and not self.envelope.params.smtputf8:
+            await self.push("553 5.6.7 Non-ASCII address requires SMTPUTF8")
+            return
+        if len(self.envelope.recipients) >= self.settings.max_recipients:
+            # RFC 5321 §4.5.3.1.10: 452, the client sends the rest later.
+            await self.push("452 4.5.3 Error: too many recipients")
+            return
+        reply = Reply("250", "2.1.5 Recipient <{0}> ok")
+        await self._hook("rcpt", reply, address, smtpcmd.parse_params(rest))
+        if reply.code.startswith("2"):
+            self.envelope.recipients.append(queuefile.Recipient(
+                address, notify=params.notify, orcpt=params.orcpt))
+            self.envelope.rcpt_tos.append(address)
+        await self.push(reply.line(address))
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if not await self._ready(need_mail=True):
+            return
+        if not self.envelope.recipients:
+            await self.push("554 5.5.1 Error: no valid recipients")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        reply = Reply("354", "End data with <CR><LF>.<CR><LF>")
+        await self._hook("data", reply)
+        if reply.code != "354":
+            await self.push(reply.line())
+            return
+        await self._push_raw(f"354 {reply.message}")
+        sink = BodySink(str(self.settings.spool.root / "tmp"), self.settings.memory_limit)
+        try:
+            line = await self._data_reply(sink)
+        finally:
+            sink.close()
+            self._set_post_data_state()
+        await self.push(line)
+
+    async def _data_reply(self, sink: BodySink) -> str:
+        """Read the message, check it, queue it; the reply line to send."""
+        headers = smtpdata.HeaderCollector(self.settings.max_header_size)
+        end = await self._read_data(sink, headers)
+        if end.error is not None:
+            return end.error.reply()
+        if sink.error is not None:
+            log.warning("%s: cannot spill message to disk: %s", self._client(), sink.error)
+            return _spool_reply(sink.error)
+        headers.finish()
+        refusal = self._check_from(headers)
+        if refusal:
+            return refusal
+        env = self._queue_envelope(sink.size)
+        reply = Reply("250", "2.0.0 Ok: queued as {0}")
+        await self._hook("have_data", reply, env)
+        if not reply.code.startswith("2"):
+            return reply.line()
+        try:
+            qid = await self._store(env, sink)
+        except (SpoolError, OSError, queuefile.QueueFileError) as exc:
+            log.warning("%s: queue file write error: %s", self._client(), exc)
+            return _spool_reply(exc)
+        s = self.session
+        log.info("%s: client=%s, sasl_username=%s, from=<%s>, size=%d, nrcpt=%d, tls=%s",
+                 qid, self._client(), s.auth_result or "", env.sender, sink.size,
+                 len(env.recipients), s.tls or "none")
+        await self._hook("queued", reply, qid)
+        if not reply.code.startswith("2"):
+            log.error("%s: handle_queued changed a 250 after queueing; sending 250", qid)
+            reply.code = "250"
+        return reply.line(qid)
+
+    async def _read_data(self, sink: BodySink,
+                         headers: smtpdata.HeaderCollector) -> smtpdata.EndOfData:
+        reader = smtpdata.DataReader(self.settings.max_message_size)
+        self._in_data = True
+        try:
+            while True:
+                self._arm(self.settings.data_timeout)
+                chunk = await self._reader.read(READ_CHUNK)
+                if not chunk:
+                    raise ConnectionResetError("connection closed during DATA")
+                for event in reader.feed(chunk):
+                    if isinstance(event, smtpdata.Data):
+                        headers.feed(event.data)
+                        sink.write(event.data)
+                    else:
+                        self._unread(reader.trailing)
+                        return event
+        finally:
+            self._in_data = False
+            self._arm(self.settings.command_timeout)
+
+    def _unread(self, data: bytes) -> None:
+        """Give bytes read past the end of DATA back to the command reader
+        (pipelined commands, RFC 2920 §3.1). aiosmtpd's StreamReader has
+        no unread; its buffer is a bytearray we may prepend to, as aiosmtpd
+        itself clears it after STARTTLS."""
+        if data:
+            self._reader._buffer[0:0] = data
+
+    def _check_from(self, headers: smtpdata.HeaderCollector) -> str | None:
+        """An authenticated user's From addresses must be theirs too."""
+        user = self.session.auth_result
+        if not user:
+            return None
+        if headers.overflow:
+            return "552 5.3.4 Message header section too large"
+        addresses = smtpdata.header_addresses(headers.headers, "From")
+        if addresses is None:
+            return "553 5.7.1 From header cannot be parsed"
+        for address in addresses:
+            if not self._owns(address):
+                return f"553 5.7.1 From address <{address}> not owned by user {user}"
+        return None
+
+    def _queue_envelope(self, size: int) -> queuefile.Envelope:
+        s, t = self.session, self.envelope
+        now = time.time()
+        return queuefile.Envelope(
+            sender=t.mail_from, recipients=list(t.recipients), queue_id=new_id(now),
+            arrival=queuefile.utc_iso(now), origin="smtp", client_address=s.client_ip,
+            client_name=s.host_name or "", helo=s.host_name or "", tls=s.tls,
+            auth_user=s.auth_result or "", size=str(size), body=t.params.body,
+            smtputf8="yes" if t.params.smtputf8 else "", ret=t.params.ret,
+            envid=t.params.envid)
+
+    async def _store(self, env: queuefile.Envelope, sink: BodySink) -> str:
+        self._arm(FOREVER)
+        try:
+            loop = asyncio.get_running_loop()
+            qid = await loop.run_in_executor(None, store_message, self.settings.spool,
+                                             self.settings.stage, env, sink)
+            await self.edge.group_sync.sync()
+            return qid
+        finally:
+            self._arm(self.settings.command_timeout)
+
+
+def _spool_reply(exc: BaseException) -> str:
+    if isinstance(exc, SpoolFull) or getattr(exc, "errno", None) in (28, 122):
+        return "452 4.3.1 Insufficient system storage"
+    return "451 4.3.0 Error: queue file write error"
