@@ -25,7 +25,7 @@ def _env(cfg, home):
 @pytest.mark.skipif(shutil.which("mail") is None, reason="bsd-mailx not installed")
 def test_bsd_mailx(cfg, tmp_path):
     # bsd-mailx reads $MAILRC; its "sendmail" variable names the program,
-    # which it runs as "sendmail -i -- rcpt cc bcc" (argv checked by hand).
+    # which it runs as "sendmail -i -t": recipients come from To, Cc and Bcc.
     rc = tmp_path / "mailrc"
     rc.write_text(f"set sendmail={ss.SENDMAIL}\n")
     env = _env(cfg, tmp_path)
