@@ -15,7 +15,8 @@ Decisions (RFC 5321 §5.1 unless noted):
   DNS failure into a bounce: every failure to resolve them is transient
   (dma#30: a smarthost whose name did not resolve bounced all mail).
 - IP literals (``127.0.0.1``, ``[::1]``, a ``[192.0.2.1]`` domain literal)
-  need no lookup.
+  need no lookup. A configured host that DNS does not know is also looked
+  up with the system resolver (``/etc/hosts``: ``localhost``).
 
 :func:`classify_dns_error` is the one place that decides what a dnspython
 exception means (chasquid's habit); everything else maps its outcome to an
@@ -28,6 +29,7 @@ import asyncio
 import enum
 import ipaddress
 import random
+import socket
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -197,6 +199,8 @@ class MxResolver:
             self._lookup(host.name, "A"), self._lookup(host.name, "AAAA"),
             return_exceptions=True)
         addrs = [a for r in results if isinstance(r, list) for a in r]
+        if not addrs and host.configured:
+            addrs = await _native_addresses(host.name)
         if addrs:
             return addrs
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -214,11 +218,28 @@ class MxResolver:
         return [r.address for r in answer]
 
 
+async def _native_addresses(name: str) -> list[str]:
+    """The system's lookup (``/etc/hosts``, then DNS), for hosts named in
+    the config such as ``localhost`` (Postfix ``smtp_host_lookup=native``)."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            name, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return []
+    out: list[str] = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for fam, _, _, _, sockaddr in infos:
+            if fam == family and sockaddr[0] not in out:
+                out.append(sockaddr[0])
+    return out
+
+
 def combine_host_errors(errors: list[MsaError], domain: str) -> MsaError:
     """One error for a domain none of whose hosts could be resolved or
     reached: transient if any host failed transiently (another attempt may
-    reach it), else the first permanent one."""
-    for e in errors:
+    reach it; the last such, as Postfix reports), else the first permanent
+    one."""
+    for e in reversed(errors):
         if isinstance(e, TransientError):
             return e
     if errors:

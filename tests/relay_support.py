@@ -217,6 +217,7 @@ class Sink:
 
         self.controller = Ctl(Handler(), hostname=self.host, port=self.port)
         self.controller.start()
+        self.connections = 0  # start() made one connection to check the server
         return self
 
     def stop(self) -> None:
@@ -233,17 +234,27 @@ def server_tls_context(ca: support.CA) -> ssl.SSLContext:
     return ctx
 
 
-def start_smtp_sink(dump_dir: Path, host: str = "127.0.0.1", port: int | None = None,
-                    options: list[str] = ()) -> tuple[support.Proc, int]:
-    """Postfix smtp-sink dumping each message into ``dump_dir``."""
+def start_smtp_sink(host: str = "127.0.0.1", port: int | None = None,
+                    options: list[str] = ()) -> tuple[support.Proc, int, Path]:
+    """Postfix smtp-sink dumping each message into a fresh directory, which
+    is returned. smtp-sink runs as ``nobody``, so the directory is made in
+    /tmp (pytest's tmp_path is not traversable by others); the caller
+    removes it with :func:`stop_smtp_sink`."""
+    import tempfile
     port = port or support.free_port(host)
-    dump_dir.mkdir(parents=True, exist_ok=True)
+    dump_dir = Path(tempfile.mkdtemp(prefix="msa-smtp-sink-"))
+    os.chmod(dump_dir, 0o777)
     argv = ["/usr/sbin/smtp-sink", "-u", "nobody", "-d", f"{dump_dir}/%M.", *options,
             f"{host}:{port}", "50"]
-    os.chmod(dump_dir, 0o777)
     proc = support.Proc(argv)
     support.wait_port(port, host)
-    return proc, port
+    return proc, port, dump_dir
+
+
+def stop_smtp_sink(proc: support.Proc, dump_dir: Path) -> None:
+    import shutil
+    proc.stop()
+    shutil.rmtree(dump_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- spool helpers
@@ -299,3 +310,43 @@ def start_runner_process(config: Path) -> support.Proc:
 
 def run_async(coro, timeout: float = 60.0):
     return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class ScriptedServer:
+    """A raw TCP server in a thread that sends ``greeting`` on connect (and
+    then closes, or with ``hang`` says nothing more and keeps the socket)."""
+
+    def __init__(self, host: str, port: int, greeting: bytes = b"", hang: bool = False):
+        self.host, self.port, self.greeting, self.hang = host, port, greeting, hang
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.connections = 0
+        self.clients: list[socket.socket] = []
+        self._stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                c, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            self.connections += 1
+            if self.greeting:
+                c.sendall(self.greeting)
+            if self.hang:
+                self.clients.append(c)
+            else:
+                time.sleep(0.05)
+                c.close()
+
+    def stop(self) -> None:
+        self._stop = True
+        self.thread.join(2)
+        for c in self.clients:
+            c.close()
+        self.sock.close()
