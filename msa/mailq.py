@@ -116,10 +116,17 @@ def read_entry(spool: Spool, stage: str, qid: str) -> Entry | None:
         return Entry(stage, qid, st.st_size, st.st_mtime, st.st_uid, env)
 
 
-def scan(spool: Spool, stages: Iterable[str]) -> Iterator[Entry]:
-    """Every queue file of ``stages``, sorted by id within a stage."""
+def scan(spool: Spool, stages: Iterable[str],
+         problems: list[str] | None = None) -> Iterator[Entry]:
+    """Every queue file of ``stages``, sorted by id within a stage. A stage
+    that cannot be listed is skipped and named in ``problems``."""
     for stage in stages:
-        names = sorted(n for n in spool.names(stage) if valid_name(n))
+        try:
+            names = sorted(n for n in spool.names(stage) if valid_name(n))
+        except OSError as exc:
+            if problems is not None:
+                problems.append(f"cannot list {stage}/: {exc.strerror}")
+            continue
         for qid in names:
             entry = read_entry(spool, stage, qid)
             if entry is not None:
@@ -212,7 +219,14 @@ def write_json(entries: Iterable[Entry], out: IO[str]) -> int:
     return count
 
 
-def list_queue(cfg: Config, spool: Spool, out: IO[str], as_json: bool = False) -> int:
-    """List the whole queue on ``out``; returns the number of messages."""
-    entries = scan(spool, listing_stages(cfg, spool))
-    return write_json(entries, out) if as_json else write_text(entries, out)
+def list_queue(cfg: Config, spool: Spool, out: IO[str], as_json: bool = False) -> list[str]:
+    """List the whole queue on ``out``; returns the problems met (stages
+    that could not be listed, e.g. ``maildrop/`` for a user who is not
+    the mail system's owner)."""
+    problems: list[str] = []
+    entries = scan(spool, listing_stages(cfg, spool), problems)
+    if as_json:
+        write_json(entries, out)
+    else:
+        write_text(entries, out)
+    return problems

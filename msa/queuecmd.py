@@ -176,8 +176,10 @@ def run(args: argparse.Namespace) -> int:
         return flush_command(cfg, True, PROG)
     spool = open_spool(cfg, create=False)
     if args.action == "list":
-        list_queue(cfg, spool, sys.stdout, as_json=args.json)
-        return sysexits.EX_OK
+        problems = list_queue(cfg, spool, sys.stdout, as_json=args.json)
+        for problem in problems:
+            print(f"{PROG}: {problem}", file=sys.stderr)
+        return sysexits.EX_NOPERM if problems else sysexits.EX_OK
     if args.action == "show":
         sys.stdout.flush()
         show(spool, args.ids[0], sys.stdout.buffer)

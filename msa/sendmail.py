@@ -345,10 +345,13 @@ def run(opts: Options, stdin: BinaryIO, stdout: BinaryIO) -> int:
         raise Failure(str(exc), sysexits.EX_CONFIG) from None
     if opts.mode == "list":
         try:
-            list_queue(cfg, open_spool(cfg, create=False), sys.stdout, as_json=opts.json)
+            problems = list_queue(cfg, open_spool(cfg, create=False), sys.stdout,
+                                  as_json=opts.json)
         except SpoolError as exc:
             raise spool_failure(exc) from None
-        return sysexits.EX_OK
+        for problem in problems:
+            _error(problem)
+        return sysexits.EX_NOPERM if problems else sysexits.EX_OK
     if opts.mode == "flush":
         return flush_command(cfg, bool(opts.verbose), _prog)
     user = login_user()
