@@ -50,7 +50,7 @@ from spool import GroupSync, Spool
 from . import tlsconf
 from .auth import Auth, PasswdFileAuth, SenderPolicy
 from .config import Config, ConfigError, EdgeConfig
-from .edgesession import SmtpSession
+from .edgesession import ABORT_AFTER, SmtpSession
 
 log = logging.getLogger("msa.edge")
 
@@ -189,9 +189,9 @@ class SmtpEdge:
                 for session in list(self._sessions):
                     session._close_now(f"421 4.3.2 {session.hostname} Service shutting down")
                 try:
-                    await asyncio.wait_for(self._drained.wait(), 6.0)
+                    await asyncio.wait_for(self._drained.wait(), ABORT_AFTER + 2.0)
                 except asyncio.TimeoutError:
-                    pass
+                    log.error("%d sessions did not close", len(self._sessions))
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None

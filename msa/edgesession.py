@@ -51,6 +51,7 @@ logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 READ_CHUNK = 65536
 FOREVER = 10 ** 9
+ABORT_AFTER = 2.0
 
 
 class EdgeSession(_AioSession):
@@ -210,14 +211,19 @@ class SmtpSession(SMTP):
         self._close_now(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
 
     def _close_now(self, line: str) -> None:
-        """Say ``line`` and close, without waiting for the client (a stuck
-        client cannot hold the session: the transport is aborted later)."""
+        """Say ``line`` and close, without waiting for the client."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(line.encode() + b"\r\n")
+            self._close_transport()
+
+    def _close_transport(self) -> None:
+        """Close; abort if still open :data:`ABORT_AFTER` seconds later (a
+        TLS close waits for the peer's close_notify, a plain one for the
+        peer to read what is left: neither may hold a session slot)."""
         transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        transport.write(line.encode() + b"\r\n")
-        transport.close()
-        self.loop.call_later(5.0, self._abort, transport)
+        if transport is not None and not transport.is_closing():
+            transport.close()
+            self.loop.call_later(ABORT_AFTER, self._abort, transport)
 
     def _abort(self, transport: asyncio.BaseTransport) -> None:
         transport.abort()
@@ -275,8 +281,7 @@ class SmtpSession(SMTP):
 
     async def _close_with(self, line: str) -> None:
         await self._push_raw(line)
-        if self.transport is not None:
-            self.transport.close()
+        self._close_transport()
 
     # -- the command loop ---------------------------------------------------
 
@@ -289,7 +294,7 @@ class SmtpSession(SMTP):
         await self._hook("banner", reply, self.session.peer)
         await self._push_raw(f"{reply.code} {reply.message}")
         if not reply.positive():
-            self.transport.close()
+            self._close_transport()
             return
         while self.transport is not None:
             if self.edge.stopping and not self.in_transaction:
@@ -305,8 +310,7 @@ class SmtpSession(SMTP):
                 return
             except TLSSetupException:
                 log.info("TLS handshake failed from %s", self._client())
-                if self.transport is not None:
-                    self.transport.close()
+                self._close_transport()
                 return
             except Exception:
                 log.exception("internal error in session with %s", self._client())
@@ -407,6 +411,11 @@ class SmtpSession(SMTP):
         for line in lines[:-1]:
             await self._push_raw(f"250-{line}")
         await self._push_raw(f"250 {lines[-1]}")
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        await super().smtp_QUIT(arg)
+        if self.transport is not None:
+            self.loop.call_later(ABORT_AFTER, self._abort, self.transport)
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         if self._tls_active():

@@ -76,7 +76,7 @@ _U = r"\u0080-\U0010ffff"
 
 def _mailbox_re(utf8: bool) -> re.Pattern[str]:
     u = _U if utf8 else ""
-    atom = f"[{_ATEXT}{u}]+"
+    atom = f"[{u}{_ATEXT}]+"           # "-" stays last in the class
     dot_string = f"{atom}(?:\\.{atom})*"
     quoted = f'"(?:[\\x20\\x21\\x23-\\x5b\\x5d-\\x7e{u}]|\\\\[\\x20-\\x7e])*"'
     sub = f"[A-Za-z0-9{u}](?:[A-Za-z0-9{u}-]*[A-Za-z0-9{u}])?"

@@ -240,3 +240,58 @@ def wait_until(pred, timeout: float = 10.0):
     return pred()
 
 
+
+
+class Edges:
+    """The config's edges (one STARTTLS, one implicit TLS listener, or the
+    addresses given) running in a background loop; users alice and bob."""
+
+    PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw"}
+
+    def __init__(self, tmp_path: Path, ca, edge_opts: str = "", host: str = "127.0.0.1"):
+        from msa import config, store
+        from msa.edge import edges_from_config
+        self.ca, self.host = ca, host
+        self.port = support.free_port(host)
+        self.tls_port = support.free_port(host)
+        h = f"[{host}]" if ":" in host else host
+        opts = "auth_failure_delay = 0.05\n" + edge_opts
+        self.config_path = edge_config(
+            tmp_path, ca, [f"{h}:{self.port}"], [f"{h}:{self.tls_port}"], extra_edge=opts,
+            extra='senders = { alice = ["alice@example.org", "@alice.test"] }\n')
+        self.passwd = tmp_path / "passwd"
+        add_user(self.passwd, "alice", self.PASSWORDS["alice"])
+        add_user(self.passwd, "bob", self.PASSWORDS["bob"], ["bob@example.net"])
+        self.cfg = config.load(str(self.config_path))
+        self.spool = Path(self.cfg.spool.root)
+        self.thread = EdgeThread()
+        spool = store.open_spool(self.cfg)
+        self.edges = self.thread.start(lambda: edges_from_config(self.cfg, spool))
+
+    def session(self, user: str = "alice", implicit: bool = False) -> RawClient:
+        port = self.tls_port if implicit else self.port
+        return session(port, self.ca, user, self.PASSWORDS[user], implicit, self.host)
+
+    def client(self, implicit: bool = False) -> RawClient:
+        port = self.tls_port if implicit else self.port
+        return RawClient(port, host=self.host, ca=self.ca, implicit=implicit)
+
+    def queued(self) -> list[Path]:
+        return queued(self.spool)
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.thread.stop(grace)
+
+
+def send_message(c: RawClient, sender: str, rcpts, body: bytes) -> str:
+    """MAIL, RCPT..., DATA, body (must end in CRLF, already dot-stuffed);
+    returns the final reply."""
+    r = c.cmd(f"MAIL FROM:<{sender}>")
+    assert r.startswith("250"), r
+    for rcpt in rcpts:
+        r = c.cmd(f"RCPT TO:<{rcpt}>")
+        assert r.startswith("250"), r
+    r = c.cmd("DATA")
+    assert r.startswith("354"), r
+    c.send(body + b".\r\n")
+    return c.reply()

@@ -1,0 +1,312 @@
+"""The submission edge's rules, driven over real TLS sockets byte by byte:
+extensions, the open-relay matrix, SMTP smuggling, limits, errors,
+STARTTLS buffer, envelope fields."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from tests.edge_support import Edges, read_queued, send_message
+
+SMUGGLE_VARIANTS = [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r",
+                    b"\r.\r", b"\r.\n", b"\n.\r", b"\r\n\x00.\r\n", b"\r\n.\x00\r\n"]
+MSG = b"From: alice@example.org\r\nTo: b@example.test\r\nSubject: t\r\n\r\nhello\r\n"
+
+
+@pytest.fixture(scope="module")
+def edges(tmp_path_factory, ca):
+    e = Edges(tmp_path_factory.mktemp("edge"), ca,
+              "max_message_size = 20000\nmax_recipients = 3\nmax_errors = 8\n")
+    yield e
+    e.stop()
+
+
+@pytest.fixture
+def clean(edges):
+    for p in edges.queued():
+        p.unlink()
+    return edges
+
+
+def test_extensions_before_and_after_tls(clean):
+    c = clean.client()
+    plain = c.cmd("EHLO client.test").split("\n")
+    assert plain[0] == "250-msa.test"
+    words = [x[4:] for x in plain]
+    for ext in ("SIZE 20000", "PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES",
+                "STARTTLS", "DSN"):
+        assert ext in words
+    assert not any(w.startswith("AUTH") for w in words)
+    c.starttls()
+    words = [x[4:] for x in c.cmd("EHLO client.test").split("\n")]
+    assert "AUTH PLAIN LOGIN" in words and "STARTTLS" not in words
+    assert c.cmd("STARTTLS").startswith("503 5.5.1")
+    implicit = clean.client(implicit=True)
+    words = [x[4:] for x in implicit.cmd("EHLO client.test").split("\n")]
+    assert "AUTH PLAIN LOGIN" in words and "STARTTLS" not in words
+    assert implicit.cmd("STARTTLS").startswith("503 5.5.1")
+
+
+def test_open_relay_matrix(clean):
+    # No AUTH, before and after TLS.
+    c = clean.client()
+    c.cmd("EHLO client.test")
+    assert c.cmd("MAIL FROM:<alice@example.org>").startswith("530 5.7.0")
+    assert c.cmd("RCPT TO:<x@example.test>").startswith("530 5.7.0")
+    assert c.cmd("DATA").startswith("530 5.7.0")
+    # AUTH before TLS: refused without reading credentials.
+    assert c.login("alice", "alice-pw").startswith("538 5.7.11")
+    c.starttls()
+    c.cmd("EHLO client.test")
+    assert c.cmd("MAIL FROM:<alice@example.org>").startswith("530 5.7.0")
+    # Wrong password, unknown user.
+    assert c.login("alice", "nope").startswith("535 5.7.8")
+    assert c.login("mallory", "alice-pw").startswith("535 5.7.8")
+    assert c.cmd("MAIL FROM:<alice@example.org>").startswith("530 5.7.0")
+    c.close()
+    s = clean.session("alice")
+    # Envelope sender not owned.
+    r = s.cmd("MAIL FROM:<carol@example.org>")
+    assert r.startswith("553 5.7.1"), r
+    assert s.cmd("MAIL FROM:<bob@example.net>").startswith("553 5.7.1")
+    # From header not owned: refused after DATA, nothing queued.
+    r = send_message(s, "alice@example.org", ["b@example.test"],
+                     b"From: Carol <carol@example.org>\r\nSubject: x\r\n\r\nhi\r\n")
+    assert r.startswith("553 5.7.1") and "carol@example.org" in r, r
+    r = send_message(s, "alice@example.org", ["b@example.test"],
+                     b"From: alice@example.org, carol@example.org\r\n\r\nhi\r\n")
+    assert r.startswith("553 5.7.1"), r
+    r = send_message(s, "alice@example.org", ["b@example.test"], b"From: garbage\r\n\r\nhi\r\n")
+    assert r.startswith("553 5.7.1"), r
+    assert clean.queued() == []
+    # What alice does own: the map, @domain, login@domain, null sender.
+    for sender in ("alice@example.org", "anyone@alice.test", "ALICE@Example.ORG", ""):
+        r = send_message(s, sender, ["b@example.test"],
+                         b"From: x@alice.test\r\n\r\nhi\r\n")
+        assert r.startswith("250 2.0.0 Ok: queued as "), (sender, r)
+    # bob's addresses come from the password file.
+    b = clean.session("bob", implicit=True)
+    assert b.cmd("MAIL FROM:<alice@example.org>").startswith("553 5.7.1")
+    r = send_message(b, "bob@example.net", ["c@example.test"], b"From: bob@example.net\r\n\r\n")
+    assert r.startswith("250"), r
+    assert len(clean.queued()) == 5
+
+
+@pytest.mark.parametrize("variant", SMUGGLE_VARIANTS, ids=repr)
+def test_smuggling_is_never_executed(clean, variant):
+    s = clean.session()
+    assert s.cmd("MAIL FROM:<alice@example.org>").startswith("250")
+    assert s.cmd("RCPT TO:<friend@example.test>").startswith("250")
+    assert s.cmd("DATA").startswith("354")
+    smuggled = (b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<victim@evil.test>\r\nDATA\r\n"
+                b"From: alice@example.org\r\nSubject: smuggled\r\n\r\nevil\r\n")
+    s.send(MSG + b"before" + variant + smuggled + b".\r\n" + b"NOOP\r\n")
+    r = s.reply()
+    assert r.startswith("550 5.6.0"), r
+    # The very next reply is NOOP's: no MAIL/RCPT/DATA reply came in between.
+    assert s.reply() == "250 2.0.0 OK"
+    assert clean.queued() == []
+    # The session is clean: a normal message goes through.
+    r = send_message(s, "alice@example.org", ["friend@example.test"], MSG)
+    assert r.startswith("250 2.0.0 Ok: queued as"), r
+    (path,) = clean.queued()
+    env, body = read_queued(path)
+    assert [x.address for x in env.recipients] == ["friend@example.test"]
+    assert body == MSG and b"evil" not in path.read_bytes()
+
+
+def test_pipelined_commands_after_data_are_kept(clean):
+    s = clean.session()
+    s.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<a@example.test>\r\nDATA\r\n")
+    assert [s.reply()[:3] for _ in range(3)] == ["250", "250", "354"]
+    s.send(MSG + b".\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<b@example.test>\r\n"
+           b"DATA\r\n" + MSG + b"..dot\r\n.\r\nQUIT\r\n")
+    replies = [s.reply() for _ in range(6)]
+    assert [r[:3] for r in replies] == ["250", "250", "250", "354", "250", "221"]
+    bodies = sorted(read_queued(p)[1] for p in clean.queued())
+    assert bodies == sorted([MSG, MSG + b".dot\r\n"])
+
+
+def test_plaintext_after_starttls_is_discarded(clean):
+    c = clean.client()
+    c.cmd("EHLO client.test")
+    c.send(b"STARTTLS\r\nNOOP\r\n")
+    assert c.reply().startswith("220")
+    c.sock = c.ctx.wrap_socket(c.sock, server_hostname="localhost")
+    # Had the plaintext NOOP survived, its 250 would come first.
+    assert c.cmd("EHLO again.test").startswith("250-msa.test")
+    assert c.cmd("NOOP") == "250 2.0.0 OK"
+
+
+def test_size_limits(clean):
+    s = clean.session()
+    assert s.cmd("MAIL FROM:<alice@example.org> SIZE=20001").startswith("552 5.3.4")
+    big = b"From: alice@example.org\r\n\r\n" + (b"x" * 98 + b"\r\n") * 250
+    r = send_message(s, "alice@example.org", ["b@example.test"], big)
+    assert r.startswith("552 5.3.4"), r
+    assert s.cmd("NOOP") == "250 2.0.0 OK"
+    assert clean.queued() == []
+    ok = b"From: alice@example.org\r\n\r\n" + (b"x" * 98 + b"\r\n") * 150
+    assert send_message(s, "alice@example.org", ["b@example.test"], ok).startswith("250")
+
+
+def test_too_many_recipients(clean):
+    s = clean.session()
+    assert s.cmd("MAIL FROM:<alice@example.org>").startswith("250")
+    for i in range(3):
+        assert s.cmd(f"RCPT TO:<r{i}@example.test>").startswith("250")
+    assert s.cmd("RCPT TO:<r3@example.test>").startswith("452 4.5.3")
+    assert s.cmd("DATA").startswith("354")
+    s.send(MSG + b".\r\n")
+    assert s.reply().startswith("250")
+    env, _ = read_queued(clean.queued()[0])
+    assert len(env.recipients) == 3
+
+
+def test_line_too_long(clean):
+    s = clean.session()
+    assert s.cmd(b"NOOP " + b"x" * 600).startswith("500 5.5.2")
+    assert s.cmd(b"NOOP " + b"x" * 20000).startswith("500 5.5.2")
+    assert s.cmd("NOOP") == "250 2.0.0 OK"
+    long_line = b"From: alice@example.org\r\n\r\n" + b"y" * 999 + b"\r\n"
+    r = send_message(s, "alice@example.org", ["b@example.test"], long_line)
+    assert r.startswith("500 5.5.2"), r
+    ok = b"From: alice@example.org\r\n\r\n" + b"y" * 998 + b"\r\n"
+    assert send_message(s, "alice@example.org", ["b@example.test"], ok).startswith("250")
+
+
+def test_bare_lf_command_refused(clean):
+    s = clean.session()
+    s.send(b"NOOP\n")
+    s.send(b"NOOP\r\n")
+    assert s.reply().startswith("500 5.5.2")
+    assert s.reply() == "250 2.0.0 OK"
+
+
+def test_max_errors_closes(clean):
+    c = clean.client()
+    for _ in range(7):
+        assert c.cmd("BOGUS").startswith("500 5.5.1")
+    assert c.cmd("BOGUS").startswith("500 5.5.1")
+    assert c.reply().startswith("421 4.7.0")
+    assert c.closed()
+
+
+def test_auth_failures_close(tmp_path, ca):
+    e = Edges(tmp_path, ca, "max_auth_failures = 2\n")
+    try:
+        c = e.client(implicit=True)
+        c.cmd("EHLO client.test")
+        assert c.login("alice", "bad").startswith("535 5.7.8")
+        assert c.login("alice", "bad").startswith("535 5.7.8")
+        assert c.reply().startswith("421 4.7.0")
+        assert c.closed()
+    finally:
+        e.stop()
+
+
+def test_auth_login_and_bad_base64(clean):
+    c = clean.client(implicit=True)
+    c.cmd("EHLO client.test")
+    import base64
+    assert c.cmd("AUTH LOGIN").startswith("334 ")
+    assert c.cmd(base64.b64encode(b"alice").decode()).startswith("334 ")
+    assert c.cmd(base64.b64encode(b"alice-pw").decode()).startswith("235 2.7.0")
+    assert c.login("alice", "alice-pw").startswith("503 5.5.1")
+    d = clean.client(implicit=True)
+    d.cmd("EHLO client.test")
+    assert d.cmd("AUTH PLAIN !!!").startswith("501 5.5.2")
+    assert d.cmd("AUTH CRAM-MD5").startswith("504 5.5.4")
+    assert d.cmd("AUTH PLAIN").startswith("334")
+    assert d.cmd("*").startswith("501")
+
+
+def test_envelope_fields(clean):
+    s = clean.session(implicit=True)
+    assert s.cmd("MAIL FROM:<alice@example.org> BODY=8BITMIME SMTPUTF8 RET=HDRS "
+                 "ENVID=abc+2Bdef SIZE=100").startswith("250")
+    assert s.cmd("RCPT TO:<j\u00f6rg@example.test> NOTIFY=SUCCESS,FAILURE "
+                 "ORCPT=rfc822;jorg@example.test").startswith("250")
+    assert s.cmd("RCPT TO:<x@example.test> NOTIFY=NEVER").startswith("250")
+    assert s.cmd("RCPT TO:<y@example.test> NOTIFY=BOGUS").startswith("501 5.5.4")
+    assert s.cmd("RCPT TO:<y@example.test> FOO=1").startswith("555 5.5.4")
+    assert s.cmd("DATA").startswith("354")
+    body = "From: alice@example.org\r\nSubject: gr\u00fc\u00dfe\r\n\r\n\u00e9t\u00e9\r\n".encode()
+    s.send(body + b".\r\n")
+    r = s.reply()
+    qid = r.rsplit(" ", 1)[1]
+    env, got = read_queued(clean.spool / "incoming" / qid)
+    assert got == body
+    assert env.queue_id == qid and env.origin == "smtp" and env.auth_user == "alice"
+    assert env.client_address == "127.0.0.1" and env.helo == "client.test"
+    assert env.client_name == "client.test"
+    assert env.tls.startswith("TLSv1.") and len(env.tls.split()) == 2
+    assert (env.body, env.smtputf8, env.ret, env.envid) == ("8BITMIME", "yes", "HDRS", "abc+2Bdef")
+    assert env.size == str(len(body)) and env.sender == "alice@example.org"
+    r0, r1 = env.recipients
+    assert (r0.address, r0.notify, r0.orcpt) == ("j\u00f6rg@example.test", "SUCCESS,FAILURE",
+                                                 "rfc822;jorg@example.test")
+    assert (r1.address, r1.notify) == ("x@example.test", "NEVER")
+
+
+def test_non_ascii_needs_smtputf8_and_syntax(clean):
+    s = clean.session()
+    assert s.cmd("MAIL FROM:<\u00e9@alice.test>").startswith("553 5.6.7")
+    assert s.cmd("MAIL FROM:<alice@example.org>").startswith("250")
+    assert s.cmd("RCPT TO:<\u00e9@example.test>").startswith("553 5.6.7")
+    assert s.cmd("RCPT TO:<no-domain>").startswith("553 5.1.3")
+    assert s.cmd("RCPT TO:<a b@example.test>").startswith("553 5.1.3")
+    assert s.cmd("RCPT TO:<>").startswith("501")
+    assert s.cmd("MAIL FROM:<alice@example.org>").startswith("503 5.5.1")
+    assert s.cmd("RSET") == "250 2.0.0 OK"
+    assert s.cmd("DATA").startswith("503 5.5.1")
+
+
+def test_queue_write_error_is_451(clean):
+    incoming = clean.spool / "incoming"
+    incoming.rename(clean.spool / "incoming.away")
+    incoming.write_text("not a directory")
+    try:
+        s = clean.session()
+        r = send_message(s, "alice@example.org", ["b@example.test"], MSG)
+        assert r.startswith("451 4.3.0"), r
+        assert list((clean.spool / "tmp").iterdir()) == []
+    finally:
+        incoming.unlink()
+        (clean.spool / "incoming.away").rename(incoming)
+
+
+def test_timeouts(tmp_path, ca):
+    e = Edges(tmp_path, ca, "command_timeout = 0.5\ndata_timeout = 0.5\n")
+    try:
+        c = e.client()
+        assert c.closed(timeout=10)
+        assert c.buf.startswith(b"421 4.4.2"), c.buf
+        s = e.session(implicit=True)
+        assert s.cmd("MAIL FROM:<alice@example.org>").startswith("250")
+        assert s.cmd("RCPT TO:<b@example.test>").startswith("250")
+        assert s.cmd("DATA").startswith("354")
+        s.send(b"From: alice@example.org\r\n\r\npartial")
+        assert s.closed(timeout=10)
+        assert s.buf.startswith(b"421 4.4.2"), s.buf
+        assert e.queued() == [] and list((e.spool / "tmp").iterdir()) == []
+    finally:
+        e.stop()
+
+
+def test_ipv6_loopback(tmp_path, ca):
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    e = Edges(tmp_path, ca, host="::1")
+    try:
+        for implicit in (False, True):
+            s = e.session(implicit=implicit)
+            assert send_message(s, "alice@example.org", ["b@example.test"], MSG).startswith("250")
+        envs = [read_queued(p)[0] for p in e.queued()]
+        assert [x.client_address for x in envs] == ["::1", "::1"]
+    finally:
+        e.stop()
