@@ -444,26 +444,27 @@ class SmtpRelay:
 
     async def attempt(self, envelope: Envelope, message: MessageSource,
                       recipients: list[Recipient] | None = None) -> list[RcptResult]:
-        """Try each of ``recipients`` (default: the pending ones) once."""
+        """Try each of ``recipients`` (default: the pending ones) once; the
+        results are in the same order."""
         rcpts = envelope.pending() if recipients is None else recipients
         # One transaction per destination: per domain for MX, all of them
         # for a smarthost.
-        groups: dict[str, tuple[Destination, list[Recipient]]] = {}
-        results: list[RcptResult] = []
-        for r in rcpts:
+        groups: dict[str, tuple[Destination, list[int]]] = {}
+        results: list[RcptResult | None] = [None] * len(rcpts)
+        for i, r in enumerate(rcpts):
             local, at, domain = r.address.rpartition("@")
             if not at or not local or not domain:
-                results.append(result_from_error(r.address, PermanentError(
-                    f"Bad recipient address <{r.address}>", 553, "5.1.3")))
+                results[i] = result_from_error(r.address, PermanentError(
+                    f"Bad recipient address <{r.address}>", 553, "5.1.3"))
                 continue
             dest = self.destination(domain.lower())
-            groups.setdefault(dest.key, (dest, []))[1].append(r)
-        done = await asyncio.gather(*(self._deliver_to(envelope, message, dest, group)
-                                      for dest, group in groups.values()))
-        for part in done:
-            results.extend(part)
-        order = {r.address: i for i, r in enumerate(rcpts)}
-        results.sort(key=lambda res: order.get(res.address, 0))
+            groups.setdefault(dest.key, (dest, []))[1].append(i)
+        done = await asyncio.gather(*(
+            self._deliver_to(envelope, message, dest, [rcpts[i] for i in idx])
+            for dest, idx in groups.values()))
+        for (_, idx), part in zip(groups.values(), done):
+            for i, res in zip(idx, part):
+                results[i] = res
         return results
 
     async def close(self) -> None:

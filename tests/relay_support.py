@@ -350,3 +350,84 @@ class ScriptedServer:
         for c in self.clients:
             c.close()
         self.sock.close()
+
+
+# ---------------------------------------------------------------- config and runner
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{toml_value(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(v)
+
+
+FAST_RELAY = dict(connect_timeout=3.0, command_timeout=5.0, data_timeout=5.0,
+                  idle_timeout=2.0, dns_timeout=2.0)
+FAST_RETRY = dict(min_delay=300.0, max_delay=600.0, jitter=0.0, scan_interval=30.0)
+
+
+def relay_config(directory: Path, ca=None, relay: dict | None = None,
+                 retry: dict | None = None, extra: str = "") -> Path:
+    """A config file with short relay timeouts; ``relay``/``retry`` keys
+    override :data:`FAST_RELAY`/:data:`FAST_RETRY`."""
+    sections = ""
+    for name, base, over in (("relay", FAST_RELAY, relay), ("retry", FAST_RETRY, retry)):
+        values = {**base, **(over or {})}
+        sections += f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n"
+                                            for k, v in values.items()) + "\n"
+    return support.write_config(directory, ca, sections + extra)
+
+
+class RunnerHarness:
+    """A Runner in the current event loop: ``async with RunnerHarness(cfg)``."""
+
+    def __init__(self, cfg, **kw):
+        from msa.store import open_spool
+        self.cfg = cfg
+        self.spool = open_spool(cfg)
+        self.kw = kw
+        self.runner = None
+
+    async def __aenter__(self) -> "RunnerHarness":
+        from msa.runner import Runner
+        self.runner = Runner(self.cfg, self.spool, **self.kw)
+        self.task = asyncio.create_task(self.runner.run())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.runner.stop(grace=2)
+        await asyncio.wait_for(self.task, 20)
+
+    async def until(self, pred, timeout: float = 20.0, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = pred()
+            if value:
+                return value
+            if self.task.done():
+                self.task.result()
+                raise RuntimeError("runner stopped")
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+    def names(self, stage: str) -> list[str]:
+        return sorted(self.spool.names(stage))
+
+    def deferred(self) -> list[tuple[str, str]]:
+        return [(s, n) for s in self.spool.deferred_stages() for n in self.spool.names(s)]
+
+    def queue_empty(self) -> bool:
+        return not self.names("active") and not self.deferred()
+
+
+def load_config(path: Path):
+    from msa import config
+    return config.load(str(path))

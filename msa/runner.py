@@ -1,0 +1,461 @@
+"""The delivery runner: takes messages from ``active/`` and from
+``deferred/<N>/`` when due, relays them, records what happened in the queue
+file, retries, bounces, and removes what is done.
+
+Life of a message here (each arrow is one rename, see ``spool.core``)::
+
+    active/Q ──attempt──> removed                   all recipients final
+             └─────────> deferred/<attempt>/Q       some recipients deferred
+    deferred/N/Q (mtime = due) ──attempt──> deferred/N+1/Q | removed
+
+Invariants and crash rules:
+
+- Work on a message happens only under its claim (``Spool.claim``). A claim
+  of a dead runner is free again at once (flock), so after kill -9 a
+  message left in ``active/`` or ``deferred/`` is simply tried again: it
+  may be delivered twice, it is never lost (RFC 5321 §6.1).
+- Every result is written to a new version of the queue file (recipient
+  states and replies, ``History``, ``Attempts``, ``Last-Attempt``,
+  ``Next-Attempt``, ``Last-Error``) before the file moves on; a recipient
+  marked ``sent`` or ``failed`` is never tried again.
+- A DSN is spooled into ``incoming/`` *before* the queue file records the
+  failure, so a crash between the two duplicates the DSN instead of losing
+  it. No DSN is ever made for a message whose sender is null (a bounce);
+  such a message that cannot be delivered is logged and dropped after
+  ``[retry].bounce_lifetime``.
+- Memory is bounded by configuration: names are streamed from the stage
+  directories into a queue of ``[relay].max_deliveries`` entries, and at
+  most that many messages are being delivered; nothing lists a whole stage.
+  Deferred messages are found through :class:`spool.DueIndex` (one number
+  per ``deferred/<N>`` directory), with a full rescan every
+  ``[retry].scan_interval`` seconds.
+- ``hold/`` is never looked at; a held message neither retries nor expires.
+- A queue file that does not parse goes to ``corrupt/`` with a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from typing import Callable
+
+from spool import DueIndex, Spool, StageWatcher, id_time, new_id, valid_name
+
+from . import backoff
+from .config import ACTIVE, Config
+from .dsn import DsnRequest, RecipientReport, build_dsn, dsn_envelope, status_of
+from .queuefile import (Envelope, QueueFileError, Recipient, check_size, parse_iso,
+                        read_envelope, utc_iso)
+from .relay import FileMessage, RcptResult, relay_from_config
+
+log = logging.getLogger("msa.runner")
+
+COPY_CHUNK = 1 << 20
+
+
+class Runner:
+    """Deliver what lands in ``active/`` and what becomes due in ``deferred/``."""
+
+    def __init__(self, cfg: Config, spool: Spool, resolver=None,
+                 clock: Callable[[], float] = time.time, client_factory=None,
+                 relay=None, rng: random.Random | None = None):
+        self.cfg, self.spool, self.clock = cfg, spool, clock
+        self.retry = cfg.retry
+        self.relay = relay or relay_from_config(cfg, resolver=resolver,
+                                                client_factory=client_factory)
+        self.rng = rng or random.Random()
+        self.due = DueIndex(spool)
+        self.concurrency = max(1, cfg.relay.max_deliveries)
+        self.pending: set[str] = set()    # queued or being delivered
+        self.delivered_attempts = 0       # finished attempts (tests, status)
+        self._queue: asyncio.Queue | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._wake_due = asyncio.Event()
+        self._wake_active = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._flush = False
+        self._stopped = asyncio.Event()
+        self._watcher: StageWatcher | None = None
+        self._notes: list[tuple[str, float]] | None = None
+
+    # -- control ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until :meth:`stop`."""
+        loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(self.concurrency)
+        self._watcher = StageWatcher(self.spool, [ACTIVE])
+        self._add_reader()
+        await self._rescan_due()
+        self._tasks = [asyncio.create_task(self._worker(), name=f"deliver-{i}")
+                       for i in range(self.concurrency)]
+        self._tasks += [asyncio.create_task(self._feed_active(), name="feed-active"),
+                        asyncio.create_task(self._feed_due(), name="feed-due")]
+        log.info("runner started: %d deliveries at once", self.concurrency)
+        try:
+            await self._stopped.wait()
+        finally:
+            await self._shutdown(loop)
+
+    def flush(self) -> None:
+        """Make every deferred message due now (``sendmail -q``)."""
+        self._flush = True
+        self._wake_due.set()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking work; let deliveries in progress finish for up to
+        ``grace`` seconds (default: the data timeout), then cancel them.
+        A cancelled delivery stays in the spool and is tried again."""
+        self._grace = self.cfg.relay.data_timeout if grace is None else grace
+        self._stopped.set()
+
+    async def _shutdown(self, loop) -> None:
+        grace = getattr(self, "_grace", 0.0)
+        for t in self._tasks:
+            if t.get_name().startswith("feed"):
+                t.cancel()
+        if self._queue is not None:
+            while not self._queue.empty():
+                _, name = self._queue.get_nowait()
+                self.pending.discard(name)
+        deadline = loop.time() + grace
+        while self.pending and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._remove_reader()
+        if self._watcher is not None:
+            self._watcher.close()
+        await self.relay.close()
+        log.info("runner stopped")
+
+    # -- feeding ---------------------------------------------------------------
+
+    def _add_reader(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def readable():
+            # Stop watching until the feeder has read the events, or the
+            # loop would call us again and again while it waits for room.
+            loop.remove_reader(self._watcher.fileno())
+            self._wake_active.set()
+        loop.add_reader(self._watcher.fileno(), readable)
+
+    def _remove_reader(self) -> None:
+        if self._watcher is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self._watcher.fileno())
+            except (ValueError, OSError):
+                pass
+
+    async def _submit(self, stage: str, name: str) -> bool:
+        if name in self.pending or not valid_name(name):
+            return False
+        self.pending.add(name)
+        await self._queue.put((stage, name))
+        return True
+
+    async def _feed_active(self) -> None:
+        """The backlog of ``active/`` first, then what inotify reports, and a
+        full rescan every ``scan_interval`` (or after an event overflow)."""
+        watcher = self._watcher
+        last_scan = -float("inf")
+        loop = asyncio.get_running_loop()
+        while True:
+            if watcher.need_rescan or loop.time() - last_scan >= self.retry.scan_interval:
+                watcher.need_rescan = False
+                last_scan = loop.time()
+                for stage, name in watcher.rescan():  # streamed: scandir
+                    await self._submit(stage, name)
+            self._wake_active.clear()
+            for stage, name in watcher.read(timeout_ms=0):
+                await self._submit(stage, name)
+            self._add_reader()
+            try:
+                await asyncio.wait_for(self._wake_active.wait(),
+                                       max(0.1, self.retry.scan_interval))
+            except asyncio.TimeoutError:
+                pass
+
+    async def _feed_due(self) -> None:
+        """Deferred messages whose time has come."""
+        loop = asyncio.get_running_loop()
+        last_scan = loop.time()
+        while True:
+            if self._flush:
+                self._flush = False
+                await self._make_all_due()
+                await self._rescan_due()
+                last_scan = loop.time()
+            elif loop.time() - last_scan >= self.retry.scan_interval:
+                await self._rescan_due()
+                last_scan = loop.time()
+            now = self.clock()
+            items = await self._collect_due(now)
+            fresh = 0
+            for stage, name in items:
+                fresh += await self._submit(stage, name)
+            self._wake_due.clear()
+            if items and not fresh:
+                # Everything due is already queued: wait for a delivery to end.
+                self._progress.clear()
+                waiter = self._progress.wait()
+            else:
+                delay = min(self.due.next_due() - self.clock(),
+                            last_scan + self.retry.scan_interval - loop.time())
+                if items:
+                    delay = 0
+                waiter = asyncio.sleep(max(0.0, min(delay, 3600.0)))
+            wake = asyncio.ensure_future(self._wake_due.wait())
+            wait = asyncio.ensure_future(waiter)
+            await asyncio.wait({wake, wait}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (wake, wait):
+                t.cancel()
+
+    async def _collect_due(self, now: float) -> list[tuple[str, str]]:
+        return await self._index_job(lambda: self.due.collect(now, limit=self.concurrency))
+
+    async def _rescan_due(self) -> None:
+        await self._index_job(self.due.rescan_all)
+
+    async def _index_job(self, job):
+        """Run a DueIndex scan in a thread; notes made meanwhile by the
+        loop are applied again after it, so the index never forgets a
+        deferral (its invariant: never later than the truth)."""
+        self._notes = []
+        try:
+            return await asyncio.to_thread(job)
+        finally:
+            notes, self._notes = self._notes, None
+            for stage, due in notes:
+                self.due.note(stage, due)
+
+    def _note_due(self, stage: str, due: float) -> None:
+        self.due.note(stage, due)
+        if self._notes is not None:
+            self._notes.append((stage, due))
+        self._wake_due.set()
+
+    async def _make_all_due(self) -> None:
+        now = self.clock()
+
+        def touch():
+            n = 0
+            for stage in self.spool.deferred_stages():
+                for name in self.spool.names(stage):
+                    try:
+                        os.utime(self.spool.path(stage, name), (now, now))
+                        n += 1
+                    except FileNotFoundError:
+                        pass
+            return n
+        n = await asyncio.to_thread(touch)
+        log.info("flush: %d deferred messages made due", n)
+
+    # -- delivering ------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            stage, name = await self._queue.get()
+            try:
+                await self._process(stage, name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - one bad message must not stop the runner
+                log.exception("%s: cannot process", name)
+            finally:
+                self.pending.discard(name)
+                self._progress.set()
+
+    async def _process(self, stage: str, qid: str) -> None:
+        claim = self.spool.claim(stage, qid)
+        if claim is None:
+            return
+        try:
+            f = claim.open()
+        except FileNotFoundError:
+            claim.release()
+            return
+        try:
+            with f:
+                try:
+                    env, offset = read_envelope(f)
+                    check_size(f, env, offset)
+                except QueueFileError as exc:
+                    log.warning("%s: corrupt queue file: %s", qid, exc)
+                    await asyncio.to_thread(claim.quarantine, str(exc))
+                    return
+                try:
+                    await self._deliver(claim, f, env, offset, qid)
+                except Exception:
+                    # A bug or an I/O error: leave the message for later
+                    # rather than retrying it in a tight loop.
+                    log.exception("%s: delivery failed unexpectedly; deferred", qid)
+                    if os.path.lexists(claim.path):
+                        due = self.clock() + self.retry.min_delay
+                        await asyncio.to_thread(claim.defer, due, env.attempt_count + 1)
+                        self._note_due(f"deferred/{env.attempt_count + 1}", due)
+        finally:
+            claim.release()
+
+    async def _deliver(self, claim, f, env: Envelope, offset: int, qid: str) -> None:
+        start = self.clock()
+        arrival = _arrival(env, qid)
+        null_sender = env.sender == ""
+        life = backoff.lifetime(self.retry, null_sender)
+        attempt = env.attempt_count + 1
+        todo = env.pending()
+        if not todo:
+            await self._finish(claim, qid)
+            return
+        results = await self.relay.attempt(env, FileMessage(f, offset, int(env.size)), todo)
+        now = self.clock()
+        self.delivered_attempts += 1
+        failed: list[tuple[Recipient, RcptResult, str]] = []
+        for rcpt, res in zip(todo, results):
+            rcpt.state, rcpt.reply = res.state, res.reply
+            word = {"sent": "sent", "failed": "bounced", "deferred": "deferred"}[res.state]
+            _log_result(qid, res, now - arrival, word)
+            if res.state == "failed":
+                failed.append((rcpt, res, res.status))
+        deferred = [(r, res) for r, res in zip(todo, results) if r.state == "deferred"]
+        if deferred and backoff.expired(arrival, now, life):
+            for rcpt, res in deferred:
+                rcpt.state = "failed"
+                log.info("%s: to=<%s>, relay=%s, delay=%.1f, dsn=4.4.7, status=expired, "
+                         "returned to sender (%s)", qid, rcpt.address, res.relay,
+                         now - arrival, res.reply)
+                failed.append((rcpt, res, "4.4.7"))
+            deferred = []
+        self._record(env, results, attempt, start, now)
+        if failed:
+            await self._bounce(env, f, offset, qid, failed, arrival, now)
+        if deferred:
+            due = backoff.next_attempt(self.retry, attempt, arrival, now,
+                                       self.rng.random(), life)
+            env.next_attempt = utc_iso(due)
+            await self._maybe_warn(env, f, offset, qid, deferred, arrival, now, life)
+            await asyncio.to_thread(self._rewrite_and_defer, claim, f, env, offset, due, attempt)
+            self._note_due(f"deferred/{attempt}", due)
+        else:
+            await self._finish(claim, qid)
+
+    def _record(self, env: Envelope, results: list[RcptResult], attempt: int,
+                start: float, now: float) -> None:
+        env.attempts = str(attempt)
+        env.first_attempt = env.first_attempt or utc_iso(start)
+        env.last_attempt = utc_iso(now)
+        env.next_attempt = ""
+        seen = set()
+        for res in results:
+            key = (res.relay, res.state, res.reply)
+            if key in seen:
+                continue
+            seen.add(key)
+            env.add_history(f"{utc_iso(now)} {res.relay} {res.state} {res.reply}")
+        errors = [r.reply for r in results if r.state != "sent"]
+        env.last_error = errors[0] if errors else ""
+
+    async def _finish(self, claim, qid: str) -> None:
+        await asyncio.to_thread(claim.done)
+        log.info("%s: removed", qid)
+
+    def _rewrite_and_defer(self, claim, f, env: Envelope, offset: int, due: float,
+                           attempt: int) -> None:
+        """A new version of the file with the results, then
+        ``deferred/<attempt>/`` with mtime = due (Postfix's convention)."""
+        size = int(env.size)
+        with claim.rewriter() as w:
+            w.write(env.to_bytes())
+            pos = 0
+            while pos < size:
+                data = os.pread(f.fileno(), min(COPY_CHUNK, size - pos), offset + pos)
+                if not data:
+                    raise OSError("queue file shrank while being copied")
+                w.write(data)
+                pos += len(data)
+            w.commit()
+        claim.defer(due, attempt)
+
+    # -- DSNs ------------------------------------------------------------------
+
+    def _wants(self, rcpt: Recipient, what: str) -> bool:
+        """RFC 3461 §4.1: NOTIFY=NEVER, or a list; absent = FAILURE (and
+        DELAY, at the MTA's discretion: we send delay warnings only when
+        configured)."""
+        notify = rcpt.notify.upper()
+        if not notify:
+            return True
+        return what in notify.split(",") and "NEVER" not in notify
+
+    async def _bounce(self, env, f, offset, qid, failed, arrival, now) -> None:
+        if env.sender == "":
+            for rcpt, res, _ in failed:
+                log.info("%s: to=<%s>: not bouncing a message from the null sender; "
+                         "dropped (%s)", qid, rcpt.address, res.reply)
+            return
+        reports = [RecipientReport(rcpt.address, "failed", status, res.reply, res.host,
+                                   rcpt.orcpt, last_attempt=now)
+                   for rcpt, res, status in failed if self._wants(rcpt, "FAILURE")]
+        if reports:
+            dsn_qid = await asyncio.to_thread(self._spool_dsn, env, f, offset, qid,
+                                              reports, arrival, now)
+            log.info("%s: sender non-delivery notification: %s", qid, dsn_qid)
+
+    async def _maybe_warn(self, env, f, offset, qid, deferred, arrival, now, life) -> None:
+        warn_after = self.retry.delay_warning
+        if (warn_after <= 0 or env.delay_warned or env.sender == ""
+                or now - arrival < warn_after):
+            return
+        reports = [RecipientReport(rcpt.address, "delayed", status_of(res.reply, "4.0.0"),
+                                   res.reply, res.host, rcpt.orcpt, last_attempt=now,
+                                   will_retry_until=arrival + life)
+                   for rcpt, res in deferred if self._wants(rcpt, "DELAY")]
+        env.delay_warned = utc_iso(now)
+        if reports:
+            dsn_qid = await asyncio.to_thread(self._spool_dsn, env, f, offset, qid,
+                                              reports, arrival, now)
+            log.info("%s: sender delay notification: %s", qid, dsn_qid)
+
+    def _spool_dsn(self, env: Envelope, f, offset: int, qid: str,
+                   reports: list[RecipientReport], arrival: float, now: float) -> str:
+        """Write the DSN into ``incoming/``; it reads at most
+        ``dsn_original_limit`` bytes of the original."""
+        size = int(env.size)
+        limit = self.retry.dsn_original_limit
+        head = os.pread(f.fileno(), min(size, limit), offset)
+        boundary = f"{qid}/{self.rng.getrandbits(64):016x}/{self.cfg.server.hostname}"
+        while boundary.encode() in head:
+            boundary = f"{qid}/{self.rng.getrandbits(64):016x}"
+        req = DsnRequest(queue_id=qid, reporting_mta=self.cfg.server.hostname,
+                         sender=env.sender, arrival=arrival, now=now, recipients=reports,
+                         original_size=size, original_head=head, boundary=boundary,
+                         envid=env.envid, ret=env.ret,
+                         eight_bit=env.body.upper() == "8BITMIME", limit=limit)
+        dsn = build_dsn(req)
+        dsn_qid = new_id()
+        denv = dsn_envelope(req, dsn, dsn_qid)
+        with self.spool.writer("incoming", dsn_qid) as w:
+            for part in (denv.to_bytes(), dsn.head, head[:dsn.include], dsn.tail):
+                w.write(part)
+            return w.commit()
+
+
+def _arrival(env: Envelope, qid: str) -> float:
+    try:
+        return parse_iso(env.arrival)
+    except ValueError:
+        try:
+            return id_time(qid)
+        except ValueError:
+            return time.time()
+
+
+def _log_result(qid: str, res: RcptResult, delay: float, word: str) -> None:
+    log.info("%s: to=<%s>, relay=%s, delay=%.1f, tls=%s, dsn=%s, status=%s (%s)",
+             qid, res.address, res.relay, delay, res.tls or "none", res.status, word,
+             res.reply)

@@ -1,0 +1,300 @@
+"""The delivery runner (msa.runner) in-process against aiosmtpd sinks:
+delivery from active/, deferral into deferred/<N>/ with mtime = due,
+retry, partial failure with one DSN, expiry, null sender, corrupt files,
+hold/, connection reuse and bounded work in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import logging
+import os
+import time
+
+import pytest
+
+from msa.queuefile import load
+from tests.relay_support import (RunnerHarness, Sink, load_config, relay_config,
+                                 write_queue_file)
+
+MSG = (b"From: alice@example.org\r\nTo: bob@x.test\r\nMessage-ID: <m1@example.org>\r\n"
+       b"Subject: test\r\n\r\nHello.\r\n")
+
+
+@pytest.fixture
+def sink():
+    s = Sink().start()
+    yield s
+    s.stop()
+
+
+def cfg_for(tmp_path, sink, relay=None, retry=None, ca=None):
+    relay = {"force_mx": {"x.test": f"127.0.0.1:{sink.port}"}, **(relay or {})}
+    return load_config(relay_config(tmp_path, ca, relay, retry))
+
+
+def run(coro, timeout=60):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def incoming_dsns(h: RunnerHarness):
+    out = []
+    for name in h.names("incoming"):
+        env, offset = load(h.spool.path("incoming", name))
+        with open(h.spool.path("incoming", name), "rb") as f:
+            f.seek(offset)
+            out.append((env, email.message_from_bytes(f.read(), policy=email.policy.default)))
+    return out
+
+
+def test_delivers_from_active_and_removes(tmp_path, sink, caplog):
+    caplog.set_level(logging.INFO, logger="msa")
+    cfg = cfg_for(tmp_path, sink)
+
+    async def go():
+        async with RunnerHarness(cfg) as h:
+            qid = write_queue_file(h.spool, "active", "alice@example.org", ["bob@x.test"], MSG)
+            await h.until(lambda: sink.messages and h.queue_empty(), what="delivery")
+            return qid
+    qid = run(go())
+    assert sink.messages[0].data == MSG and sink.messages[0].rcpt_tos == ["bob@x.test"]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(qid)]
+    assert any(f"{qid}: to=<bob@x.test>, relay=127.0.0.1[127.0.0.1]:{sink.port}, delay=" in x
+               and ", tls=none, dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as M1)" in x
+               for x in lines), lines
+    assert f"{qid}: removed" in lines
+
+
+def test_backlog_in_active_at_start_is_delivered(tmp_path, sink):
+    cfg = cfg_for(tmp_path, sink)
+    from msa.store import open_spool
+    spool = open_spool(cfg)
+    for i in range(3):
+        write_queue_file(spool, "active", "alice@example.org", [f"r{i}@x.test"], MSG)
+
+    async def go():
+        async with RunnerHarness(cfg) as h:
+            await h.until(lambda: len(sink.messages) == 3 and h.queue_empty())
+    run(go())
+
+
+def test_4xx_defers_into_deferred_1_with_future_mtime_then_flush_delivers(tmp_path, sink):
+    sink.rules = {"bob@x.test": "450 4.2.1 Mailbox busy"}
+    cfg = cfg_for(tmp_path, sink)
+
+    async def go():
+        async with RunnerHarness(cfg) as h:
+            qid = write_queue_file(h.spool, "active", "alice@example.org", ["bob@x.test"], MSG)
+            await h.until(lambda: h.names("deferred/1"), what="deferral")
+            path = h.spool.path("deferred/1", qid)
+            env, _ = load(path)
+            mtime = os.stat(path).st_mtime
+            assert mtime > time.time() + 200  # min_delay 300, no jitter
+            assert env.attempts == "1" and env.next_attempt and env.last_attempt
+            assert env.recipients[0].state == "deferred"
+            assert env.recipients[0].reply == "450 4.2.1 Mailbox busy"
+            assert env.last_error == "450 4.2.1 Mailbox busy"
+            assert env.history and "deferred 450 4.2.1 Mailbox busy" in env.history[-1]
+            assert not h.names("active")
+            sink.rules = {}
+            h.runner.flush()
+            await h.until(lambda: sink.messages and h.queue_empty(), what="retry")
+            assert not incoming_dsns(h)
+    run(go())
+
+
+def test_retried_when_due_without_flush(tmp_path, sink):
+    sink.rules = {"bob@x.test": "450 4.2.1 Mailbox busy"}
+    cfg = cfg_for(tmp_path, sink, retry={"min_delay": 1.0, "max_delay": 1.0})
+
+    async def go():
+        async with RunnerHarness(cfg) as h:
+            write_queue_file(h.spool, "active", "alice@example.org", ["bob@x.test"], MSG)
+            await h.until(lambda: h.names("deferred/1"), what="first deferral")
+            await h.until(lambda: h.names("deferred/2"), what="second attempt")
+            sink.rules = {}
+            await h.until(lambda: sink.messages and h.queue_empty(), what="delivery")
+    run(go())
+
+
+def test_partial_failure_one_delivery_one_dsn_no_second_delivery(tmp_path, sink):
+    sink.rules = {"bad@x.test": "550 5.1.1 <bad@x.test>: No such user",
+                  "busy@x.test": "450 4.2.1 busy"}
+    cfg = cfg_for(tmp_path, sink)
+
+    async def go():
+        async with RunnerHarness(cfg) as h:
+            qid = write_queue_file(h.spool, "active", "alice@example.org",
+                                   ["bad@x.test", "ok@x.test", "busy@x.test"], MSG)
+            await h.until(lambda: h.names("deferred/1") and h.names("incoming"))
+            dsns = incoming_dsns(h)
+            assert len(dsns) == 1
+            env, msg = dsns[0]
+            assert env.sender == "" and env.bounce_of == qid
+            assert [r.address for r in env.recipients] == ["alice@example.org"]
+            text = msg.as_string()
+            assert "550 5.1.1 <bad@x.test>: No such user" in text
+            assert "Final-Recipient: rfc822; bad@x.test" in text
+            assert "ok@x.test" not in text.split("Undelivered Message")[0].split(
+                "Content-Type: message/delivery-status")[-1]
+            state = {r.address: r.state for r in load(h.spool.path("deferred/1", qid))[0].recipients}
+            assert state == {"bad@x.test": "failed", "ok@x.test": "sent", "busy@x.test": "deferred"}
+            sink.rules = {}
+            h.runner.flush()
+            await h.until(lambda: len(sink.messages) == 2 and h.queue_empty())
+            assert [m.rcpt_tos for m in sink.messages] == [["ok@x.test"], ["busy@x.test"]]
+            assert len(incoming_dsns(h)) == 1  # no second DSN
+    run(go())
+
+
+def test_expiry_bounces_with_dsn_and_leaves_queue(tmp_path, sink):
+    sink.rules = {"*": "451 4.3.0 Try again"}
+    cfg = cfg_for(tmp_path, sink, retry={"lifetime": 2.0, "min_delay": 0.5, "max_delay": 0.5})
+
+    async def go():
+        async with RunnerHarness(cfg) as h:
+            qid = write_queue_file(h.spool, "active", "alice@example.org", ["bob@x.test"], MSG)
+            await h.until(lambda: h.names("incoming") and h.queue_empty(), what="expiry")
+            (env, msg), = incoming_dsns(h)
+            text = msg.as_string()
+            assert env.bounce_of == qid
+            assert "Action: failed" in text and "Status: 4.4.7" in text
+            assert "451 4.3.0 Try again" in text
+    run(go())
+
+
+def test_null_sender_never_gets_a_dsn(tmp_path, sink, caplog):
+    caplog.set_level(logging.INFO, logger="msa")
+    sink.rules = {"*": "550 5.1.1 No such user"}
+    cfg = cfg_for(tmp_path, sink)
+
+    async def go():
+        async with RunnerHarness(cfg) as h:
+            write_queue_file(h.spool, "active", "", ["bob@x.test"], MSG)
+            await h.until(h.queue_empty, what="drop")
+            assert h.names("incoming") == []
+    run(go())
+    assert any("not bouncing a message from the null sender" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_failed_bounce_is_dropped_after_bounce_lifetime_not_looped(tmp_path, sink, caplog):
+    caplog.set_level(logging.INFO, logger="msa")
+    sink.rules = {"*": "451 4.3.0 later"}
+    cfg = cfg_for(tmp_path, sink, retry={"bounce_lifetime": 1.5, "min_delay": 0.5,
+                                         "max_delay": 0.5, "lifetime": 3600.0})
+
+    async def go():
+        async with RunnerHarness(cfg) as h:
+            write_queue_file(h.spool, "active", "", ["alice@x.test"], MSG, bounce_of="X1")
+            await h.until(h.queue_empty, what="bounce dropped")
+            await asyncio.sleep(0.5)
+            assert h.names("incoming") == []
+    run(go())
+    assert any("status=expired" in r.getMessage() for r in caplog.records)
+
+
+def test_notify_never_suppresses_dsn(tmp_path, sink):
+    sink.rules = {"*": "550 5.1.1 No"}
+    cfg = cfg_for(tmp_path, sink)
+    from msa.queuefile import Envelope, utc_iso
+    from spool import new_id
+
+    async def go():
+        async with RunnerHarness(cfg) as h:
+            qid = new_id()
+            env = Envelope(sender="alice@example.org", queue_id=qid, arrival=utc_iso(time.time()),
+                           origin="smtp", size=str(len(MSG)))
+            env.add_recipient("bob@x.test", notify="NEVER")
+            h.spool.deposit("active", [env.to_bytes(), MSG], qid=qid)
+            await h.until(h.queue_empty)
+            assert h.names("incoming") == []
+    run(go())
+
+
+def test_delay_warning_sent_once(tmp_path, sink):
+    sink.rules = {"*": "450 4.2.1 busy"}
+    cfg = cfg_for(tmp_path, sink, retry={"delay_warning": 5.0, "min_delay": 0.3,
+                                         "max_delay": 0.3})
+    from msa.queuefile import utc_iso
+
+    async def go():
+        async with RunnerHarness(cfg) as h:
+            qid = write_queue_file(h.spool, "active", "alice@example.org", ["bob@x.test"], MSG,
+                                   arrival=utc_iso(time.time() - 60))
+            await h.until(lambda: any(h.names(f"deferred/{n}") for n in (3, 4, 5)),
+                          what="three attempts")
+            dsns = incoming_dsns(h)
+            assert len(dsns) == 1
+            env, msg = dsns[0]
+            text = msg.as_string()
+            assert "Action: delayed" in text and "Will-Retry-Until:" in text
+            assert msg["Subject"].startswith("Delayed Mail")
+            return qid
+    run(go())
+
+
+def test_corrupt_file_is_quarantined(tmp_path, sink):
+    cfg = cfg_for(tmp_path, sink)
+
+    async def go():
+        async with RunnerHarness(cfg) as h:
+            h.spool.deposit("active", b"this is not a queue file\n", qid="0000000000000000000BAD")
+            await h.until(lambda: h.names("corrupt"), what="quarantine")
+            assert h.names("active") == []
+            truncated = write_queue_file(h.spool, "hold", "a@example.org", ["b@x.test"], MSG)
+            path = h.spool.path("hold", truncated)
+            os.truncate(path, os.path.getsize(path) - 3)
+            os.rename(path, h.spool.path("active", truncated))
+            await h.until(lambda: truncated in h.names("corrupt"), what="truncated quarantine")
+    run(go())
+    assert sink.messages == []
+
+
+def test_held_message_is_never_touched(tmp_path, sink):
+    cfg = cfg_for(tmp_path, sink, retry={"lifetime": 0.5})
+
+    async def go():
+        async with RunnerHarness(cfg) as h:
+            qid = write_queue_file(h.spool, "hold", "alice@example.org", ["bob@x.test"], MSG,
+                                   arrival="2000-01-01T00:00:00.000000Z")
+            write_queue_file(h.spool, "active", "alice@example.org", ["other@x.test"], MSG)
+            await h.until(lambda: sink.messages and h.queue_empty())
+            h.runner.flush()
+            await asyncio.sleep(0.5)
+            assert h.names("hold") == [qid] and h.names("incoming") == []
+    run(go())
+    assert [m.rcpt_tos for m in sink.messages] == [["other@x.test"]]
+
+
+def test_five_messages_one_connection(tmp_path, sink):
+    cfg = cfg_for(tmp_path, sink, relay={"max_connections_per_domain": 1})
+    from msa.store import open_spool
+    spool = open_spool(cfg)
+    for i in range(5):
+        write_queue_file(spool, "active", "alice@example.org", [f"r{i}@x.test"], MSG)
+
+    async def go():
+        async with RunnerHarness(cfg) as h:
+            await h.until(lambda: len(sink.messages) == 5 and h.queue_empty())
+    run(go())
+    assert sink.connections == 1
+
+
+def test_required_tls_to_untrusted_certificate_defers(tmp_path, ca):
+    from tests.relay_support import server_tls_context
+    sink = Sink(tls_context=server_tls_context(ca)).start()
+    try:
+        cfg = cfg_for(tmp_path, sink, relay={"tls_required_domains": ["x.test"]})
+
+        async def go():
+            async with RunnerHarness(cfg) as h:
+                qid = write_queue_file(h.spool, "active", "a@example.org", ["b@x.test"], MSG)
+                await h.until(lambda: h.names("deferred/1"))
+                env, _ = load(h.spool.path("deferred/1", qid))
+                assert env.recipients[0].reply.startswith("451 4.7.5 TLS handshake")
+        run(go())
+        assert sink.messages == []
+    finally:
+        sink.stop()
