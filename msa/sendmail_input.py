@@ -9,7 +9,10 @@ Output invariants (the queue file's message part, see
 :mod:`msa.queuefile`):
 
 - Every line ends in CRLF: ``\\r\\n`` and bare ``\\n`` endings both become
-  ``\\r\\n`` (RFC 5322 §2.1); a last line without an ending gets one.
+  ``\\r\\n`` (RFC 5322 §2.1); a last line without an ending gets one; a
+  bare ``\\r`` inside a line is a line break too (``\\r\\n``), so the
+  queue file never holds a bare CR or LF (the watcher refuses those: they
+  could smuggle a second message past a lax next hop).
   A piece that does not complete a line never ends in ``\\r\\n`` (a
   trailing ``\\r`` is held back until the next piece shows whether a
   ``\\n`` follows), so a consumer can tell line ends from pieces.
@@ -71,9 +74,11 @@ class MessageInput:
                     data = data[1:]
             if complete:
                 data = data[:-2] if data.endswith(CRLF) else data[:-1]
-                data += CRLF
-            elif data.endswith(b"\r"):
-                data, carry = data[:-1], b"\r"
+                data = data.replace(b"\r", CRLF) + CRLF
+            else:
+                if data.endswith(b"\r"):
+                    data, carry = data[:-1], b"\r"
+                data = data.replace(b"\r", CRLF)
             at_start = complete
             if skipping:
                 skipping = not complete

@@ -95,9 +95,13 @@ def test_from_line_stripped_and_line_endings_normalised():
 
 
 def test_pieces_never_end_in_crlf_unless_a_line_ends():
-    pieces = list(MessageInput([b"abc\r", b"\n", b"def\r", b"gh\n"]))
-    assert b"".join(pieces) == b"abc\r\ndef\rgh\r\n"
-    assert [p.endswith(b"\r\n") for p in pieces] == [False, True, False, True]
+    pieces = list(MessageInput([b"abc\r", b"\n", b"def\r", b"gh\n", b"i\rj", b"k\r", b"l"]))
+    assert b"".join(pieces) == b"abc\r\ndef\r\ngh\r\ni\r\njk\r\nl\r\n"
+    assert [p.endswith(b"\r\n") for p in pieces] == [False, True, False, True,
+                                                      False, False, False, True]
+    # No bare CR or LF survives, whatever the input.
+    out = b"".join(MessageInput([b"a\rb\r\r\n", b"\r\n", b"\n", b"\r"]))
+    assert out.replace(b"\r\n", b"").count(b"\r") == 0 and out.count(b"\n") == out.count(b"\r\n")
 
 
 # -- headers (pure) ----------------------------------------------------------------
@@ -385,3 +389,28 @@ def test_q_makes_deferred_due_and_tells_the_daemon(cfg):
     r = ss.sendmail(["-q"], b"", cfg)
     assert r.returncode == 0 and r.stderr == b""
     assert path.stat().st_mtime <= time.time()
+
+
+def test_every_file_passes_the_watchers_maildrop_check(cfg):
+    """What sendmail writes is what the watcher accepts from maildrop/
+    (msa.maildrop): awkward input must not end up quarantined."""
+    import pwd
+    from msa import maildrop
+    inputs = [
+        (["-t", "-i"], b"To: a@x.test\nBcc: b\nSubject: cr\rin subject\n\nold mac\rline\r\n."),
+        (["-f", "<>", "-N", "never", "-V", "id1", "r@x.test"], b"no headers at all"),
+        (["-FCron", "-i", "-B8BITMIME", "root"], "Subject: ünï\n\n\x00nul ✓\n\r\n".encode()),
+    ]
+    root = pwd.getpwuid(0)
+    for args, msg in inputs:
+        assert ss.sendmail(args, msg, cfg).returncode == 0
+        q = ss.only_message(cfg)
+        f, _ = maildrop.open_untrusted(q.path)
+        with f:
+            env, offset = maildrop.read_untrusted(f, root, "example.org")
+            check = maildrop.LineEndings()
+            f.seek(offset)
+            check.feed(f.read())
+            check.finish()
+        assert [r.address for r in env.recipients] == q.recipients()
+        os.unlink(q.path)
