@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -90,16 +91,40 @@ asyncio.run(main())
 """
 
 
-def edge_process(config: Path) -> support.Proc:
-    """``python -c`` running the config's edges; returns when listening."""
-    code = RUNNER.format(root=str(support.ROOT), config=str(config))
-    proc = support.Proc([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE)
+OPEN_RUNNER = r"""
+import asyncio, sys
+sys.path.insert(0, {root!r})
+from spool import Spool
+from msa.edge import SmtpEdge
+async def main():
+    edge = SmtpEdge(("127.0.0.1", {port}), Spool({spool!r}, ["incoming"]),
+                    require_auth=False, hostname="msa.test")
+    await edge.start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def edge_process(config: Path | None = None, prefix=(), open_port: int = 0,
+                 spool: Path | None = None) -> support.Proc:
+    """``python -c`` running the config's edges, or with ``open_port`` a
+    plaintext edge without AUTH on ``spool`` (the tutorial's first edge);
+    ``prefix`` goes before python (strace). Returns when listening."""
+    if config is not None:
+        code = RUNNER.format(root=str(support.ROOT), config=str(config))
+    else:
+        code = OPEN_RUNNER.format(root=str(support.ROOT), port=open_port, spool=str(spool))
+    log = tempfile.TemporaryFile()        # a pipe nobody reads would fill up
+    proc = support.Proc([*prefix, sys.executable, "-c", code], stdout=subprocess.PIPE,
+                        stderr=log)
+    proc.log = log
     line = proc.p.stdout.readline().decode()
     if not line.startswith("ready"):
-        err = proc.p.stderr.read().decode(errors="replace") if proc.p.poll() is not None else ""
         proc.stop()
-        raise RuntimeError(f"edge process did not start: {line!r} {err}")
+        log.seek(0)
+        raise RuntimeError(f"edge process did not start: {line!r} "
+                           f"{log.read().decode(errors='replace')[-3000:]}")
     return proc
 
 
