@@ -12,6 +12,7 @@ tutorial's (ports 587 and 465 need root, then Step 5 drops privileges).
     MSA_TUTORIAL_SSL_PORT  implicit TLS port      (465)
     MSA_TUTORIAL_HOST      listening address      ('' = all)
     MSA_TUTORIAL_USER      user to become         (smtp-user; '' = stay)
+    MSA_TUTORIAL_FORCE_MX  domain=host:port,...   (tests: MX hosts on loopback)
 """
 
 import os
@@ -29,8 +30,9 @@ from msa.api import MxSmtpRelay
 
 tls_args = {'keyfile': env("MSA_TUTORIAL_KEY", '/path/to/key.pem'),
             'certfile': env("MSA_TUTORIAL_CERT", '/path/to/cert.pem')}
+force_mx = dict(x.split("=", 1) for x in env("MSA_TUTORIAL_FORCE_MX", "").split(",") if x)
 relay = MxSmtpRelay(tls=tls_args, connect_timeout=20, command_timeout=10,
-                    data_timeout=20, idle_timeout=30)
+                    data_timeout=20, idle_timeout=30, force_mx=force_mx)
 
 # Step 2: Create the Queue (the storage is a durable spool directory,
 # where the tutorial used shelve files)

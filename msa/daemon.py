@@ -245,7 +245,7 @@ class Daemon:
         grace = self.cfg.daemon.grace
         if self.control is not None:
             await self.control.stop()
-        stops = [edge.stop() for edge in self.edges]
+        stops = [edge.stop(grace) for edge in self.edges]
         if self.watcher is not None:
             self.watcher.stop()
         if self.runner is not None:

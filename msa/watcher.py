@@ -172,7 +172,6 @@ class Watcher:
         parts = None
         for p in todo:
             parts = p.apply(env, headers)
-            policies.mark_applied(env, p.name)
             if parts:
                 break
         new_headers = headers.to_bytes()
@@ -181,6 +180,8 @@ class Watcher:
             raise Stop("split")
         if (new_headers, env.to_bytes()) == before:
             return  # nothing changed: a rerun would change nothing either
+        for p in todo:
+            policies.mark_applied(env, p.name)
         with claim.rewriter() as w:
             write_message(w, env, new_headers, f, body_offset)
         log.info("%s: applied %s in %s", claim.qid, ",".join(p.name for p in todo), claim.stage)

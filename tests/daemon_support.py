@@ -72,3 +72,68 @@ def wait_files(spool, stage: str, n: int, timeout: float = 20.0) -> list[str]:
 def run_python(code: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=support.msa_env(**(env or {})), timeout=timeout)
+
+
+def write_daemon_config(tmp_path: Path, ca, submission: int, submissions: int,
+                        extra: str = "") -> Path:
+    """A config with both listeners on loopback, the test certificate, a
+    password file, and delivery to a closed port (mail stays deferred)."""
+    closed = support.free_port()
+    path = tmp_path / "msa.toml"
+    path.write_text(
+        f'[spool]\nroot = "{tmp_path / "spool"}"\n\n'
+        f'[server]\nhostname = "msa.test"\ndomain = "example.org"\n\n'
+        f'[edge]\nsubmission = ["127.0.0.1:{submission}"]\n'
+        f'submissions = ["127.0.0.1:{submissions}"]\n'
+        f'certfile = "{ca.cert_pem}"\nkeyfile = "{ca.key_pem}"\n\n'
+        f'[auth]\npasswd_file = "{tmp_path / "passwd"}"\n\n'
+        f'[relay]\nforce_mx = {{ "example.test" = "127.0.0.1:{closed}" }}\n'
+        f'tls = "none"\nconnect_timeout = 2.0\n\n'
+        f'[daemon]\ngrace = 10.0\n\n' + extra)
+    return path
+
+
+def add_user(passwd: Path, name: str, password: str, senders=()) -> None:
+    from msa.auth import PasswdEntry, PasswdFile, hash_password
+    f = PasswdFile(passwd)
+    f.set(PasswdEntry(name, hash_password(password), list(senders)))
+    f.save()
+
+
+def start_daemon(cfg_path: Path, command: str = "daemon", *args) -> support.Proc:
+    return support.Proc([sys.executable, str(support.BIN / "msa"), command,
+                         "--config", str(cfg_path), *args],
+                        env=support.msa_env(), stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT)
+
+
+def smtp_login(port: int, ca, user: str, password: str, implicit: bool = False):
+    import smtplib
+    import ssl
+    ctx = ssl.create_default_context(cafile=str(ca.ca_pem))
+    if implicit:
+        s = smtplib.SMTP_SSL("127.0.0.1", port, context=ctx, timeout=20)
+    else:
+        s = smtplib.SMTP("127.0.0.1", port, timeout=20)
+        s.starttls(context=ctx)
+    s.login(user, password)
+    return s
+
+
+def numbered_message(sender: str, rcpt: str, n: int) -> bytes:
+    return (f"From: {sender}\r\nTo: {rcpt}\r\nSubject: test {n}\r\nX-Seq: {n}\r\n\r\n"
+            f"message number {n}\r\n").encode()
+
+
+def spooled_seqs(spool) -> dict[int, str]:
+    """X-Seq of every whole queue file in any stage -> the stage it is in."""
+    from msa.headerblock import HeaderBlock
+    out = {}
+    for stage in [*spool.stages, *spool.deferred_stages(), "hold"]:
+        for name in spool.names(stage):
+            env, offset = queuefile.load(spool.path(stage, name))  # raises if not whole
+            head = spool.path(stage, name).read_bytes()[offset:].split(b"\r\n\r\n")[0]
+            seq = HeaderBlock.parse(head + b"\r\n").get("x-seq")
+            if seq is not None:
+                out[int(seq)] = stage
+    return out
