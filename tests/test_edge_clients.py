@@ -55,6 +55,14 @@ def run(argv, stdin: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(argv, input=stdin, capture_output=True, timeout=60)
 
 
+def msmtp(edges, port: int, implicit: bool, password: str, stdin: bytes):
+    return run(["msmtp", "--host=127.0.0.1", f"--port={port}", "--tls=on",
+                f"--tls-starttls={'off' if implicit else 'on'}",
+                f"--tls-trust-file={edges.ca.ca_pem}", "--auth=plain", "--user=alice",
+                f"--passwordeval=echo {password}", "--from=alice@example.org",
+                "--domain=msmtp.test", "bob@example.test"], stdin=stdin)
+
+
 @pytest.mark.parametrize("implicit", [False, True], ids=["starttls", "implicit"])
 def test_swaks(edges, tmp_path, implicit):
     if not support.have("swaks"):
@@ -78,11 +86,7 @@ def test_msmtp(edges, implicit):
         pytest.skip("msmtp not installed")
     before = {p.name for p in edges.queued()}
     port = edges.tls_port if implicit else edges.port
-    p = run(["msmtp", "--host=127.0.0.1", f"--port={port}", "--tls=on",
-             f"--tls-starttls={'off' if implicit else 'on'}",
-             f"--tls-trust-file={edges.ca.ca_pem}", "--auth=plain", "--user=alice",
-             "--passwordeval=echo alice-pw", "--from=alice@example.org", "--domain=msmtp.test",
-             "bob@example.test"], stdin=body_for("msmtp").replace(b"\r\n", b"\n"))
+    p = msmtp(edges, port, implicit, "alice-pw", body_for("msmtp").replace(b"\r\n", b"\n"))
     assert p.returncode == 0, p.stderr.decode()
     assert check(edges, before, "msmtp", implicit, exact=False).helo == "msmtp.test"
 
@@ -140,9 +144,6 @@ def test_clients_see_refusals(edges, tmp_path):
             s.sendmail("alice@example.org", ["bob@example.test"], body_for("x"))
         assert info.value.smtp_code == 530
     if support.have("msmtp"):
-        p = run(["msmtp", "--host=127.0.0.1", f"--port={edges.port}", "--tls=on",
-                 "--tls-starttls=on", f"--tls-trust-file={edges.ca.ca_pem}", "--auth=plain",
-                 "--user=alice", "--passwordeval=echo wrong", "--from=alice@example.org",
-                 "bob@example.test"], stdin=b"Subject: x\n\nx\n")
+        p = msmtp(edges, edges.port, False, "wrong", b"Subject: x\n\nx\n")
         assert p.returncode == 77, p.stderr.decode()      # EX_NOPERM: auth failed
     assert {p.name for p in edges.queued()} == before

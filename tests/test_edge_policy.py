@@ -310,3 +310,39 @@ def test_ipv6_loopback(tmp_path, ca):
         assert [x.client_address for x in envs] == ["::1", "::1"]
     finally:
         e.stop()
+
+
+def test_full_spool_is_452_and_leaves_nothing(tmp_path, ca):
+    import subprocess
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(spool)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs")
+    try:
+        e = Edges(tmp_path, ca)
+        try:
+            s = e.session(implicit=True)
+            line = b"z" * 98 + b"\r\n"
+            for size in (200 * 1024, 400 * 1024):   # held in memory / spilled to tmp/
+                body = b"From: alice@example.org\r\n\r\n" + line * (size // 100)
+                r = send_message(s, "alice@example.org", ["b@example.test"], body)
+                assert r.startswith("452 4.3.1"), r
+                assert e.queued() == [] and list((spool / "tmp").iterdir()) == []
+            assert send_message(s, "alice@example.org", ["b@example.test"], MSG).startswith("250")
+        finally:
+            e.stop()
+    finally:
+        subprocess.run(["umount", str(spool)], check=False)
+
+
+def test_disconnect_during_data_leaves_nothing(clean):
+    s = clean.session()
+    assert s.cmd("MAIL FROM:<alice@example.org>").startswith("250")
+    assert s.cmd("RCPT TO:<b@example.test>").startswith("250")
+    assert s.cmd("DATA").startswith("354")
+    s.send(b"From: alice@example.org\r\n\r\n" + (b"x" * 98 + b"\r\n") * 5000)
+    s.close()
+    c = clean.session()               # the edge still serves
+    assert c.cmd("NOOP") == "250 2.0.0 OK"
+    assert clean.queued() == [] and list((clean.spool / "tmp").iterdir()) == []
