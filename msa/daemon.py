@@ -112,7 +112,11 @@ def main(argv: list[str]) -> int:
     for key in ("pidfile", "user", "group", "log", "log_level"):
         value = getattr(opts, key)
         if value:
-            setattr(d, key, os.path.abspath(value) if key == "pidfile" else value)
+            setattr(d, key, value)
+    if d.pidfile:
+        d.pidfile = os.path.abspath(d.pidfile)
+    if d.log not in ("", "stderr", "syslog"):
+        d.log = os.path.abspath(d.log)  # --detach changes directory to /
     if opts.detach:
         if d.log in ("", "stderr"):
             d.log = "syslog"

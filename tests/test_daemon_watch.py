@@ -69,3 +69,29 @@ def test_bad_config_exits_78(tmp_path):
                            str(bad)], capture_output=True, text=True, env=support.msa_env(),
                           cwd=tmp_path, timeout=60)
     assert proc.returncode == 78 and "unknown key daemon.nope" in proc.stderr
+
+
+def test_detach_writes_pidfile_logs_to_file_and_stops_on_sigterm(tmp_path):
+    path = support.write_config(tmp_path)
+    cfg = config.load(str(path))
+    sp = open_spool(cfg)
+    proc = subprocess.run([sys.executable, str(support.BIN / "msa"), "watch", "--config",
+                           str(path), "--detach", "--pidfile", "msa.pid", "--log", "msa.log"],
+                          cwd=tmp_path, env=support.msa_env(), capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    pidfile = tmp_path / "msa.pid"
+    pid = support.wait_for(lambda: pidfile.exists() and int(pidfile.read_text() or 0),
+                           what="pid file of the detached daemon")
+    try:
+        assert os.getsid(pid) != os.getsid(0)  # its own session: no controlling terminal
+        qid = deposit(sp, "incoming", smtp_file(["b@x.test"], MESSAGE))
+        support.wait_for(lambda: qid in list(sp.names("active")), what="message in active/")
+        os.kill(pid, signal.SIGTERM)
+        support.wait_for(lambda: not pidfile.exists(), what="pid file removed")
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    log = (tmp_path / "msa.log").read_text()
+    assert "started watch" in log and "stopped" in log and qid in log
