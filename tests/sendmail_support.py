@@ -135,3 +135,23 @@ def run_as(uid: int, argv: list[str], stdin: bytes, config_path: Path) -> subpro
     env.pop("HOME", None)
     return subprocess.run([sys.executable, "-c", _AS_UID, str(uid), *argv], input=stdin,
                           capture_output=True, env=env, timeout=60)
+
+
+def run_measured(argv: list[str], config_path: Path, stdin=None, stdout=None,
+                 tmp: Path | None = None) -> tuple[int, bytes, float]:
+    """Run a command under ``/usr/bin/time`` and return (exit status,
+    stderr, peak RSS in MB). ``os.wait4`` on a child of pytest would count
+    the forked pytest image too (Linux keeps the pre-exec high-water mark),
+    so the small ``time`` program does the fork instead."""
+    if not os.path.exists("/usr/bin/time"):
+        import pytest
+        pytest.skip("/usr/bin/time (Debian package time) is not installed")
+    report = Path(tempfile.mkstemp(dir=tmp)[1])
+    try:
+        p = subprocess.run(["/usr/bin/time", "-o", str(report), "-f", "%M", *argv],
+                           stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
+                           env=support.msa_env(config_path, TZ="UTC"), timeout=300)
+        kb = int(report.read_text().split()[-1])
+    finally:
+        report.unlink()
+    return p.returncode, p.stderr, kb / 1024

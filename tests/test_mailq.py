@@ -149,13 +149,9 @@ def big_queue(tmp_path_factory):
 def _peak_rss(cfg, argv, out_path) -> float:
     """Run a command with stdout to a file; its peak RSS in MB."""
     with open(out_path, "wb") as out:
-        p = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.PIPE,
-                             env=support.msa_env(cfg, TZ="UTC"))
-        err = p.stderr.read()
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-    assert p.returncode == 0, err
-    return usage.ru_maxrss / 1024
+        code, err, peak = ss.run_measured([sys.executable, *argv], cfg, stdout=out)
+    assert code == 0, err
+    return peak
 
 
 def test_mailq_100k_bounded_memory(big_queue, tmp_path):
