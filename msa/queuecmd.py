@@ -138,15 +138,18 @@ def flush(cfg: config.Config, spool: Spool | None = None) -> tuple[int, int, str
     spool = spool or open_spool(cfg, create=False)
     touched = denied = 0
     now = time.time()
-    for stage in spool.deferred_stages():
-        for name in spool.names(stage):
-            try:
-                os.utime(spool.path(stage, name), (now, now), follow_symlinks=False)
-                touched += 1
-            except FileNotFoundError:
-                continue
-            except PermissionError:
-                denied += 1
+    try:
+        for stage in spool.deferred_stages():
+            for name in spool.names(stage):
+                try:
+                    os.utime(spool.path(stage, name), (now, now), follow_symlinks=False)
+                    touched += 1
+                except FileNotFoundError:
+                    continue
+                except PermissionError:
+                    denied += 1
+    except PermissionError:  # a user who may not even list deferred/
+        denied += 1
     return touched, denied, send_control(cfg, "flush")
 
 

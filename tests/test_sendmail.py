@@ -411,3 +411,18 @@ def test_every_file_passes_the_watchers_maildrop_check(cfg):
             check.finish()
         assert [r.address for r in env.recipients] == q.recipients()
         os.unlink(q.path)
+
+
+def test_q_by_an_ordinary_user_without_daemon_is_77():
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    d = ss.public_dir()
+    cfg_path = ss.make_config(d)
+    os.chmod(cfg_path, 0o644)
+    root = ss.spool_root(cfg_path)
+    ss.write_queue_file(root, "deferred/1", "66168A0F24AC0000001000",
+                        ss.envelope("a@x.test", "b@y.test"), b"x\r\n", mtime=time.time() + 999)
+    os.chmod(root / "deferred", 0o700)
+    r = ss.run_as(nobody.pw_uid, [ss.SENDMAIL, "-q"], b"", cfg_path)
+    assert r.returncode == 77, r.stderr
+    assert r.stderr.startswith(b"sendmail: not permitted")
