@@ -42,6 +42,7 @@ import dataclasses
 import inspect
 import logging
 import ssl
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,9 @@ log = logging.getLogger("msa.edge")
 AUTH_WORKERS = 2
 _DEFAULTS = EdgeConfig()
 _auth_pool: concurrent.futures.ThreadPoolExecutor | None = None
-_group_syncs: dict[str, GroupSync] = {}
+# asyncio primitives belong to one loop: one GroupSync per loop and stage.
+_group_syncs: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, GroupSync]]" = \
+    weakref.WeakKeyDictionary()
 
 
 def auth_pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -69,11 +72,13 @@ def auth_pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def group_sync_for(spool: Spool, stage: str) -> GroupSync:
-    """One GroupSync per stage directory, shared by every edge of a process."""
+    """One GroupSync per stage directory, shared by every edge running in
+    this event loop (so their sessions share directory fsyncs)."""
+    per_loop = _group_syncs.setdefault(asyncio.get_running_loop(), {})
     path = str(spool.root / stage)
-    if path not in _group_syncs:
-        _group_syncs[path] = GroupSync(path)
-    return _group_syncs[path]
+    if path not in per_loop:
+        per_loop[path] = GroupSync(path)
+    return per_loop[path]
 
 
 @dataclass
@@ -151,7 +156,7 @@ class SmtpEdge:
             max_errors=max_errors, max_auth_failures=max_auth_failures,
             auth_failure_delay=auth_failure_delay, max_connections=max_connections,
             memory_limit=memory_limit, max_header_size=max_header_size)
-        self.group_sync = group_sync_for(spool, stage)
+        self.group_sync: GroupSync | None = None       # made by start()
         self.stopping = False
         self._server: asyncio.AbstractServer | None = None
         self._sessions: set[SmtpSession] = set()
@@ -162,6 +167,8 @@ class SmtpEdge:
     async def start(self) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
+        self.group_sync = group_sync_for(s.spool, s.stage)
+        self.stopping = False
         self._drained = asyncio.Event()
         self._drained.set()
         implicit = s.implicit_tls
@@ -232,7 +239,7 @@ class SmtpEdge:
             self._drained.set()
 
     async def verify(self, auth: Any, session: Any, login: str, password: str) -> str:
-        backend = auth(session) if isinstance(auth, type) else auth
+        backend = _backend(auth, session)
         if inspect.iscoroutinefunction(backend.verify_secret):
             return await backend.verify_secret(login, password, None)
         loop = asyncio.get_running_loop()
@@ -258,6 +265,17 @@ class SmtpEdge:
     def describe(self) -> str:
         host = self.address[0] or "*"
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+def _backend(auth: Any, session: Any) -> Any:
+    """An Auth class is made per session (with it, as slimta does, or
+    without arguments); an instance is used as it is."""
+    if not isinstance(auth, type):
+        return auth
+    try:
+        return auth(session)
+    except TypeError:
+        return auth()
 
 
 def _fqdn() -> str:
