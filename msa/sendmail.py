@@ -176,7 +176,7 @@ def qualify_all(addresses: Iterable[str], domain: str) -> list[str]:
     return out
 
 
-def new_envelope(cfg: config.Config, user: pwd.struct_passwd, sender: str,
+def new_envelope(user: pwd.struct_passwd, sender: str,
                  full_name: str | None = None) -> Envelope:
     env = Envelope(sender=sender, origin="local", local_user=user.pw_name,
                    local_uid=str(user.pw_uid))
@@ -223,7 +223,7 @@ def submit(cfg: config.Config, opts: Options, user: pwd.struct_passwd,
             raise Failure(str(exc), sysexits.EX_NOUSER) from None
         if not recipients:
             raise Failure("no recipients found in the message headers", sysexits.EX_USAGE)
-    env = new_envelope(cfg, user, sender, opts.full_name)
+    env = new_envelope(user, sender, opts.full_name)
     env.body, env.ret, env.envid = opts.body, opts.ret, opts.envid
     add_recipients(env, recipients, notify=opts.notify)
     return deposit(spool, env, itertools.chain([section.to_bytes()], pieces),
@@ -282,7 +282,7 @@ def _smtp_data(cfg: config.Config, spool: Spool, session: LocalSmtp,
     txn = session.txn
     message = MessageInput(read_pieces(stdin), dots="smtp", strip_from=False)
     pieces = iter(message)
-    env = new_envelope(cfg, user, txn.sender)
+    env = new_envelope(user, txn.sender)
     env.body = txn.params.get("BODY", "")
     env.ret = txn.params.get("RET", "")
     env.envid = txn.params.get("ENVID", "")
