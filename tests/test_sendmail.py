@@ -30,6 +30,15 @@ def cfg(tmp_path):
     return ss.make_config(tmp_path)
 
 
+@pytest.fixture
+def public_tmp():
+    """A directory other uids can enter (pytest's tmp_path is 0700)."""
+    import shutil
+    d = ss.public_dir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 # -- command line (pure) ---------------------------------------------------------
 
 def test_args_as_real_callers_pass_them():
@@ -279,13 +288,12 @@ def _run_as(uid: int, args: list[str], stdin: bytes, cfg_path) -> subprocess.Com
     return ss.run_as(uid, [ss.SENDMAIL, *args], stdin, cfg_path)
 
 
-def test_uid_without_login_name_exits_71():
+def test_uid_without_login_name_exits_71(public_tmp):
     import pwd
     uid = 54321
     with pytest.raises(KeyError):
         pwd.getpwuid(uid)
-    d = ss.public_dir()
-    cfg_path = ss.make_config(d)
+    cfg_path = ss.make_config(public_tmp)
     os.chmod(cfg_path, 0o644)
     root = ss.spool_root(cfg_path)
     assert stat.S_IMODE((root / "maildrop").stat().st_mode) == 0o1733
@@ -296,13 +304,12 @@ def test_uid_without_login_name_exits_71():
     assert os.listdir(root / "maildrop") == [] and os.listdir(root / "tmp") == []
 
 
-def test_unprivileged_user_deposits_into_maildrop():
+def test_unprivileged_user_deposits_into_maildrop(public_tmp):
     """An ordinary user (nobody) can queue through the 1733 directories; the
     file is theirs and says who they are."""
     import pwd
     nobody = pwd.getpwnam("nobody")
-    d = ss.public_dir()
-    cfg_path = ss.make_config(d)
+    cfg_path = ss.make_config(public_tmp)
     os.chmod(cfg_path, 0o644)
     r = _run_as(nobody.pw_uid, ["r@x.test"], b"Subject: u\n\nx\n", cfg_path)
     assert r.returncode == 0, r.stderr
@@ -413,11 +420,10 @@ def test_every_file_passes_the_watchers_maildrop_check(cfg):
         os.unlink(q.path)
 
 
-def test_q_by_an_ordinary_user_without_daemon_is_77():
+def test_q_by_an_ordinary_user_without_daemon_is_77(public_tmp):
     import pwd
     nobody = pwd.getpwnam("nobody")
-    d = ss.public_dir()
-    cfg_path = ss.make_config(d)
+    cfg_path = ss.make_config(public_tmp)
     os.chmod(cfg_path, 0o644)
     root = ss.spool_root(cfg_path)
     ss.write_queue_file(root, "deferred/1", "66168A0F24AC0000001000",
