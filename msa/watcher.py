@@ -131,8 +131,8 @@ class Watcher:
             if qid is None:
                 return None
             stage, name = "incoming", qid
-        if stage not in self.next_stage:
-            return None
+        if stage not in self.next_stage or not os.path.lexists(self.spool.path(stage, name)):
+            return None  # most events name a file this process already moved on
         claim = self.spool.claim(stage, name)
         if claim is None:
             return None

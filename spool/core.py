@@ -361,9 +361,11 @@ class Spool:
         if not _holds_current(lock):
             lock.release()
             return None
-        # The file may have moved on between listing and locking.
+        # The file may have moved on between listing and locking; drop the
+        # lock file as Claim.release does, or claims/ grows with every
+        # stale name a watcher is told about.
         if not os.path.lexists(self.path(stage, qid)):
-            lock.release()
+            Claim(self, stage, qid, lock).release()
             return None
         return Claim(self, stage, qid, lock)
 
