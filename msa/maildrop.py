@@ -1,6 +1,6 @@
 """Validating files from ``maildrop/``: untrusted input from any local user.
 
-Any local user may put a file in ``maildrop/`` (mode 1733), by ``sendmail``
+Any local user may put a file in ``maildrop/`` (mode 3733), by ``sendmail``
 or by hand. Before such a file becomes a trusted queue file in
 ``incoming/`` (DESIGN, spool invariant 5):
 

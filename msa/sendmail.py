@@ -4,7 +4,7 @@ edge around :mod:`msa.sendmail_args`, :mod:`msa.sendmail_input`,
 
 ``sendmail`` writes one queue file into ``maildrop/`` and needs no daemon:
 it runs with the caller's uid, and ``maildrop/`` and ``tmp/`` are mode
-1733. Invariants:
+3733. Invariants:
 
 - Exit 0 only after the file is in ``maildrop/`` and durable
   (:meth:`spool.Writer.commit`: fsync, rename, fsync of the directory).

@@ -39,7 +39,7 @@ class Queued:
 
 def make_config(directory: Path, extra: str = "") -> Path:
     """A config whose spool is ``directory/spool`` (created, as the daemon
-    would: maildrop/ and tmp/ mode 1733)."""
+    would: maildrop/ and tmp/ mode 3733)."""
     path = support.write_config(directory, None, extra)
     open_spool(config.load(str(path)))
     return path

@@ -296,7 +296,7 @@ def test_uid_without_login_name_exits_71(public_tmp):
     cfg_path = ss.make_config(public_tmp)
     os.chmod(cfg_path, 0o644)
     root = ss.spool_root(cfg_path)
-    assert stat.S_IMODE((root / "maildrop").stat().st_mode) == 0o1733
+    assert stat.S_IMODE((root / "maildrop").stat().st_mode) == 0o3733
     # The same uid may write into maildrop/: only the missing name stops it.
     r = _run_as(uid, ["-f", "someone@x.test", "r@x.test"], b"x\n", cfg_path)
     assert r.returncode == 71, r.stderr
@@ -305,7 +305,7 @@ def test_uid_without_login_name_exits_71(public_tmp):
 
 
 def test_unprivileged_user_deposits_into_maildrop(public_tmp):
-    """An ordinary user (nobody) can queue through the 1733 directories; the
+    """An ordinary user (nobody) can queue through the 3733 directories; the
     file is theirs and says who they are."""
     import pwd
     nobody = pwd.getpwnam("nobody")
@@ -317,7 +317,7 @@ def test_unprivileged_user_deposits_into_maildrop(public_tmp):
     assert q.path.stat().st_uid == nobody.pw_uid
     assert (q.env.local_user, q.env.local_uid) == ("nobody", str(nobody.pw_uid))
     assert q.env.sender == "nobody@example.org"
-    # The same user may not list maildrop/ (mode 1733): mailq says so, exit 77.
+    # The same user may not list maildrop/ (mode 3733): mailq says so, exit 77.
     r = _run_as(nobody.pw_uid, ["-bp"], b"", cfg_path)
     assert r.returncode == 77, r.stderr
     assert b"sendmail: cannot list maildrop/: Permission denied" in r.stderr
@@ -432,3 +432,21 @@ def test_q_by_an_ordinary_user_without_daemon_is_77(public_tmp):
     r = ss.run_as(nobody.pw_uid, [ss.SENDMAIL, "-q"], b"", cfg_path)
     assert r.returncode == 77, r.stderr
     assert r.stderr.startswith(b"sendmail: not permitted")
+
+
+def test_maildrop_files_take_the_daemon_group(tmp_path):
+    """With [daemon] group set, a file an ordinary user drops is readable by
+    that group, so the daemon can read it after dropping root."""
+    import grp
+    from msa import config as msa_config
+    from msa.store import open_spool
+    group = grp.getgrnam("nogroup")
+    cfg = msa_config.from_dict({"spool": {"root": str(tmp_path / "spool")},
+                                "daemon": {"group": "nogroup"}})
+    sp = open_spool(cfg)
+    for name in ("tmp", "maildrop"):
+        st = (sp.root / name).stat()
+        assert st.st_gid == group.gr_gid
+        assert stat.S_IMODE(st.st_mode) == 0o3733
+    qid = sp.deposit("maildrop", b"x")
+    assert sp.path("maildrop", qid).stat().st_gid == group.gr_gid
