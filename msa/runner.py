@@ -54,6 +54,7 @@ from .relay import FileMessage, RcptResult, relay_from_config
 log = logging.getLogger("msa.runner")
 
 COPY_CHUNK = 1 << 20
+MAX_BUSY = 10000
 
 
 class Runner:
@@ -80,6 +81,8 @@ class Runner:
         self._stopped = asyncio.Event()
         self._watcher: StageWatcher | None = None
         self._notes: list[tuple[str, float]] | None = None
+        self._busy: dict[str, int] = {}
+        self._retry_tasks: set[asyncio.Task] = set()
 
     # -- control ---------------------------------------------------------------
 
@@ -117,6 +120,8 @@ class Runner:
         for t in self._tasks:
             if t.get_name().startswith("feed"):
                 t.cancel()
+        for t in list(self._retry_tasks):
+            t.cancel()
         if self._queue is not None:
             while not self._queue.empty():
                 _, name = self._queue.get_nowait()
@@ -274,7 +279,9 @@ class Runner:
     async def _process(self, stage: str, qid: str) -> None:
         claim = self.spool.claim(stage, qid)
         if claim is None:
+            self._busy_later(stage, qid)
             return
+        self._busy.pop(qid, None)
         try:
             f = claim.open()
         except FileNotFoundError:
@@ -301,6 +308,28 @@ class Runner:
                         self._note_due(f"deferred/{env.attempt_count + 1}", due)
         finally:
             claim.release()
+
+    def _busy_later(self, stage: str, qid: str) -> None:
+        """A file another process holds a claim on (the watcher releases
+        its claim just after the rename into active/ that woke us): look
+        again after 0.1, 0.2, 0.4 ... 6.4 s; after that the periodic rescan
+        finds it. Bounded: at most :data:`MAX_BUSY` names are remembered."""
+        if not os.path.lexists(self.spool.path(stage, qid)):
+            self._busy.pop(qid, None)
+            return
+        tries = self._busy.get(qid, 0)
+        if tries >= 7 or (qid not in self._busy and len(self._busy) >= MAX_BUSY):
+            self._busy.pop(qid, None)
+            return
+        self._busy[qid] = tries + 1
+
+        def again():
+            if self._stopped.is_set():
+                return
+            task = asyncio.ensure_future(self._submit(stage, qid))
+            self._retry_tasks.add(task)
+            task.add_done_callback(self._retry_tasks.discard)
+        asyncio.get_running_loop().call_later(0.1 * 2 ** tries, again)
 
     async def _deliver(self, claim, f, env: Envelope, offset: int, qid: str) -> None:
         start = self.clock()

@@ -172,7 +172,7 @@ class Sink:
     size_limit: int = 33554432
     messages: list[Received] = field(default_factory=list)
     connections: int = 0
-    dsn: bool = True
+    data_delay: float = 0.0  # seconds to wait before answering DATA
 
     def start(self) -> "Sink":
         from aiosmtpd.controller import Controller
@@ -191,6 +191,8 @@ class Sink:
                 return reply or "250 2.1.5 OK"
 
             async def handle_DATA(self, server, session, envelope):
+                if sink.data_delay:
+                    await asyncio.sleep(sink.data_delay)
                 if sink.data_reply and not sink.data_reply.startswith("2"):
                     return sink.data_reply
                 sink.messages.append(Received(

@@ -66,19 +66,6 @@ def test_delivers_from_active_and_removes(tmp_path, sink, caplog):
     assert f"{qid}: removed" in lines
 
 
-def test_backlog_in_active_at_start_is_delivered(tmp_path, sink):
-    cfg = cfg_for(tmp_path, sink)
-    from msa.store import open_spool
-    spool = open_spool(cfg)
-    for i in range(3):
-        write_queue_file(spool, "active", "alice@example.org", [f"r{i}@x.test"], MSG)
-
-    async def go():
-        async with RunnerHarness(cfg) as h:
-            await h.until(lambda: len(sink.messages) == 3 and h.queue_empty())
-    run(go())
-
-
 def test_4xx_defers_into_deferred_1_with_future_mtime_then_flush_delivers(tmp_path, sink):
     sink.rules = {"bob@x.test": "450 4.2.1 Mailbox busy"}
     cfg = cfg_for(tmp_path, sink)
@@ -268,7 +255,9 @@ def test_held_message_is_never_touched(tmp_path, sink):
     assert [m.rcpt_tos for m in sink.messages] == [["other@x.test"]]
 
 
-def test_five_messages_one_connection(tmp_path, sink):
+def test_backlog_at_start_five_messages_one_connection(tmp_path, sink):
+    """Files already in active/ at start are delivered; with one
+    connection per destination they share one connection (RSET between)."""
     cfg = cfg_for(tmp_path, sink, relay={"max_connections_per_domain": 1})
     from msa.store import open_spool
     spool = open_spool(cfg)
@@ -298,3 +287,21 @@ def test_required_tls_to_untrusted_certificate_defers(tmp_path, ca):
         assert sink.messages == []
     finally:
         sink.stop()
+
+
+def test_file_arriving_under_someone_elses_claim_is_picked_up(tmp_path, sink):
+    """The watcher renames into active/ and releases its claim just after:
+    the runner's claim fails at the event and must try again (long before
+    the 30 s rescan)."""
+    cfg = cfg_for(tmp_path, sink)
+
+    async def go():
+        async with RunnerHarness(cfg) as h:
+            qid = write_queue_file(h.spool, "hold", "alice@example.org", ["bob@x.test"], MSG)
+            claim = h.spool.claim("hold", qid)
+            claim.move("active", release=False)
+            await asyncio.sleep(0.3)
+            assert not sink.messages
+            claim.release()
+            await h.until(lambda: sink.messages and h.queue_empty(), timeout=10)
+    run(go())
