@@ -62,9 +62,9 @@ def test_kill_9_while_submitting_loses_no_acknowledged_message(setup, ca):
     acked: list[int] = []
     for round_ in range(4):
         proc = start_daemon(path, COMMAND)
+        sub = _Submitter(port, ca, first=round_ * 100_000)
         try:
             support.wait_port(port)
-            sub = _Submitter(port, ca, first=round_ * 100_000)
             sub.start()
             support.wait_for(lambda: len(sub.acked) >= 3, timeout=30, what="some 250s")
             time.sleep(rng.uniform(0.0, 0.5))
@@ -72,7 +72,8 @@ def test_kill_9_while_submitting_loses_no_acknowledged_message(setup, ca):
             proc.p.wait(10)
         finally:
             sub.halt.set()
-            sub.join(30)
+            if sub.is_alive():
+                sub.join(30)
             proc.stop()
         acked += sub.acked
         found = spooled_seqs(sp)  # every file in the spool is whole
