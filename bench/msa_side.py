@@ -24,6 +24,10 @@ MSA = ROOT / "bin" / "msa"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# TOML appended to every generated msa.toml (``run.py --msa-toml``), for
+# experiments; the run's notes show it.
+EXTRA_TOML = ""
+
 # (section, key) the benchmark config needs; value shown in reports.
 TRUSTED_KEY = ("edge", "trusted_networks")
 SMARTHOST_KEYS = (("relay", "smarthost"), ("relay", "smarthost_tls"))
@@ -42,20 +46,29 @@ def config_keys() -> set[tuple[str, str]]:
 
 
 def missing_features() -> list[str]:
-    """What the benchmark needs from msa that is not there yet."""
+    """What the benchmark needs from msa that is not there at all."""
     missing = []
     if not (ROOT / "msa" / "daemon.py").exists():
         missing.append("msa/daemon.py (`msa daemon`, `msa deliver`)")
     keys = config_keys()
-    for key in (TRUSTED_KEY, *SMARTHOST_KEYS):
+    for key in SMARTHOST_KEYS:
         if key not in keys:
             missing.append(f"config [{key[0]}] {key[1]}")
     return missing
 
 
+def has_trusted_networks() -> bool:
+    """msa's config can open a listener to loopback clients without AUTH;
+    without it the harness runs :mod:`bench.msa_daemon` instead."""
+    return TRUSTED_KEY in config_keys()
+
+
 def config_text(base: Path, port: int, sink_port: int, certfile: Path, keyfile: Path,
-                extra_edge: str = "") -> str:
-    """The msa.toml for the benchmark (pure)."""
+                trusted: bool = True) -> str:
+    """The msa.toml for the benchmark (pure). With ``trusted=False`` the
+    config has no listener: :mod:`bench.msa_daemon` adds one."""
+    edge = (f'submission = ["127.0.0.1:{port}"]\ntrusted_networks = ["127.0.0.0/8"]\n'
+            if trusted else "submission = []\n")
     return f"""\
 # msa for the benchmark (bench/msa_side.py). Generated.
 [spool]
@@ -66,12 +79,10 @@ hostname = "msa.bench.test"
 domain = "bench.test"
 
 [edge]
-submission = ["127.0.0.1:{port}"]
-submissions = []
+{edge}submissions = []
 certfile = "{certfile}"
 keyfile = "{keyfile}"
-trusted_networks = ["127.0.0.0/8"]
-{extra_edge}
+
 [auth]
 passwd_file = "{base}/passwd"
 
@@ -112,7 +123,8 @@ class MsaInstance:
         self.base.mkdir(parents=True, exist_ok=True)
         cert, key = self_signed(self.base)
         (self.base / "passwd").touch()
-        self.config.write_text(config_text(self.base, self.port, self.sink_port, cert, key))
+        self.config.write_text(config_text(self.base, self.port, self.sink_port, cert, key,
+                                           trusted=has_trusted_networks()) + EXTRA_TOML)
 
     @property
     def spool(self) -> Path:
@@ -128,13 +140,19 @@ class MsaInstance:
             self.write_config()
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        argv = [sys.executable, str(MSA), self.command, "--config", str(self.config)]
-        argv += _foreground_flag(self.command)
+        argv = self.argv()
         self._log = open(self.logfile, "ab")
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, cwd=self.base, start_new_session=True)
         if wait_listen:
             self._wait_port(timeout)
+
+    def argv(self) -> list[str]:
+        if self.command == "daemon" and not has_trusted_networks():
+            return [sys.executable, str(ROOT / "bench" / "msa_daemon.py"), "--config",
+                    str(self.config), "--listen", f"127.0.0.1:{self.port}"]
+        return [sys.executable, str(MSA), self.command, "--config", str(self.config),
+                "--foreground"]
 
     def _wait_port(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -178,23 +196,6 @@ class MsaInstance:
             return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
-
-
-def _foreground_flag(command: str) -> list[str]:
-    """``--foreground`` when the command has such an option (checked once)."""
-    if command not in _FG_CACHE:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        try:
-            out = subprocess.run([sys.executable, str(MSA), command, "--help"], env=env,
-                                 capture_output=True, text=True, timeout=30)
-            text = out.stdout + out.stderr
-        except (OSError, subprocess.TimeoutExpired):
-            text = ""
-        _FG_CACHE[command] = ["--foreground"] if "--foreground" in text else []
-    return _FG_CACHE[command]
-
-
-_FG_CACHE: dict[str, list[str]] = {}
 
 
 def write_backlog(active: Path, count: int, size: int = 2048,

@@ -17,16 +17,33 @@ def parse_folded(text: str) -> list[tuple[list[str], int]]:
     return stacks
 
 
+# Leaf frames where a thread waits for work rather than doing it. py-spy
+# counts a thread blocked on a Python-level queue as active; these are
+# dropped from the totals (a thread blocked in fsync() is kept: that is
+# real waiting for the disk).
+IDLE_LEAVES = ("_worker (concurrent/futures/thread.py:81)", "select (selectors.py:",
+               "wait (threading.py:", "_wait_for_tstate_lock (threading.py:")
+
+
+def is_idle(frame: str) -> bool:
+    return any(mark in frame for mark in IDLE_LEAVES)
+
+
 def summarise(text: str, top: int = 25) -> str:
     stacks = parse_folded(text)
-    total = sum(c for _, c in stacks) or 1
     own, incl = Counter(), Counter()
+    idle = 0
     for frames, count in stacks:
         frames = [_short(f) for f in frames]
+        if is_idle(frames[-1]):
+            idle += count
+            continue
         own[frames[-1]] += count
         for f in set(frames):
             incl[f] += count
-    lines = [f"{total} samples (non-idle threads)", "self%  function"]
+    total = sum(own.values()) or 1
+    lines = [f"{total} samples of working threads ({idle} idle pool/selector samples left "
+             "out)", "self%  function"]
     lines += [f"{100 * c / total:5.1f}  {f}" for f, c in own.most_common(top)]
     lines += ["", "incl%  function"]
     lines += [f"{100 * c / total:5.1f}  {f}" for f, c in incl.most_common(top)]

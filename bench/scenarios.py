@@ -189,8 +189,9 @@ def big_phase(work: Path, sides: list[str], size: int, log=print) -> dict:
                 r["rss_growth_kb"] = max(r["rss_growth_kb"],
                                          procs.vm_hwm_kb(side.pid) - base_main)
             out[name] = r
-            log(f"  {name:<8} 50 MB: accept {r['accept_s']:.2f}s e2e {r['e2e_s']}s "
-                f"{r['error']}")
+            e2e = "-" if r["e2e_s"] is None else f"{r['e2e_s']:.2f}"
+            log(f"  {name:<8} {size >> 20} MB: accept {r['accept_s']:.2f}s e2e {e2e}s "
+                f"RSS growth {r['rss_growth_kb'] / 1024:.1f} MB {r['error']}")
         except Exception as exc:  # noqa: BLE001 - reported in the table
             out[name] = {"error": f"{exc}"[:500]}
         finally:

@@ -68,9 +68,10 @@ def test_verdicts_against_targets():
 
 def test_profile_summary_counts_self_and_inclusive_time():
     text = ("main (/work/main/msa/x.py:1);handle (/work/main/msa/edge.py:9) 30\n"
-            "main (/work/main/msa/x.py:1);fsync (/work/main/spool/core.py:5) 70\n")
+            "main (/work/main/msa/x.py:1);fsync (/work/main/spool/core.py:5) 70\n"
+            "_bootstrap (/x/threading.py:1);_worker (/x/concurrent/futures/thread.py:81) 50\n")
     out = profile.summarise(text)
-    assert "100 samples" in out
+    assert "100 samples of working threads (50 idle" in out
     assert " 70.0  fsync (spool/core.py:5)" in out
     assert "100.0  main (msa/x.py:1)" in out
 
