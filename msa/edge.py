@@ -145,6 +145,9 @@ class SmtpEdge:
             raise ValueError("tls_immediately needs tls")
         if not isinstance(senders, SenderPolicy):
             senders = SenderPolicy(senders, sender_domain, allow_login_address)
+        if require_auth and (auth_class is None or ctx is None):
+            log.warning("edge on %s: AUTH required but %s: every MAIL will be refused",
+                        address, "no auth_class" if auth_class is None else "no TLS")
         self.address = (address[0] or "", int(address[1]))
         self.shutdown_grace = shutdown_grace
         self.settings = EdgeSettings(

@@ -195,6 +195,8 @@ class SmtpSession(SMTP):
         self.validators = cls(self.session)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self.session is not None:
+            log.info("disconnect from %s errors=%d", self._client(), self._errors)
         if self._registered:
             self._registered = False
             self.edge._unregister(self)
@@ -414,7 +416,7 @@ class SmtpSession(SMTP):
 
     async def smtp_QUIT(self, arg: str | None) -> None:
         await super().smtp_QUIT(arg)
-        if self.transport is not None:
+        if self.transport is not None and self.transport.is_closing():
             self.loop.call_later(ABORT_AFTER, self._abort, self.transport)
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
