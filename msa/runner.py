@@ -82,6 +82,7 @@ class Runner:
         self._watcher: StageWatcher | None = None
         self._notes: list[tuple[str, float]] | None = None
         self._busy: dict[str, int] = {}
+        self._next_wake = 0.0             # when the due feeder looks again
         self._retry_tasks: set[asyncio.Task] = set()
 
     # -- control ---------------------------------------------------------------
@@ -191,6 +192,7 @@ class Runner:
         loop = asyncio.get_running_loop()
         last_scan = loop.time()
         while True:
+            self._wake_due.clear()
             if self._flush:
                 self._flush = False
                 await self._make_all_due()
@@ -204,17 +206,18 @@ class Runner:
             fresh = 0
             for stage, name in items:
                 fresh += await self._submit(stage, name)
-            self._wake_due.clear()
             if items and not fresh:
                 # Everything due is already queued: wait for a delivery to end.
                 self._progress.clear()
                 waiter = self._progress.wait()
+                self._next_wake = now
             else:
-                delay = min(self.due.next_due() - self.clock(),
-                            last_scan + self.retry.scan_interval - loop.time())
-                if items:
-                    delay = 0
-                waiter = asyncio.sleep(max(0.0, min(delay, 3600.0)))
+                delay = 0.0 if items else min(
+                    self.due.next_due() - now,
+                    last_scan + self.retry.scan_interval - loop.time(), 3600.0)
+                delay = max(0.0, delay)
+                self._next_wake = now + delay
+                waiter = asyncio.sleep(delay)
             wake = asyncio.ensure_future(self._wake_due.wait())
             wait = asyncio.ensure_future(waiter)
             await asyncio.wait({wake, wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -228,9 +231,9 @@ class Runner:
         await self._index_job(self.due.rescan_all)
 
     async def _index_job(self, job):
-        """Run a DueIndex scan in a thread; notes made meanwhile by the
-        loop are applied again after it, so the index never forgets a
-        deferral (its invariant: never later than the truth)."""
+        """Run a DueIndex scan in a thread; deferrals noted meanwhile are
+        applied after it, so the index never forgets one (its invariant:
+        never later than the truth)."""
         self._notes = []
         try:
             return await asyncio.to_thread(job)
@@ -240,10 +243,14 @@ class Runner:
                 self.due.note(stage, due)
 
     def _note_due(self, stage: str, due: float) -> None:
-        self.due.note(stage, due)
+        # While a scan runs in its thread the index is the thread's: the
+        # note waits (changing the dict under its iteration would break it).
         if self._notes is not None:
             self._notes.append((stage, due))
-        self._wake_due.set()
+        else:
+            self.due.note(stage, due)
+        if due < self._next_wake:
+            self._wake_due.set()  # earlier than the feeder's planned wake
 
     async def _make_all_due(self) -> None:
         now = self.clock()
