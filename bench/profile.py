@@ -21,12 +21,13 @@ def parse_folded(text: str) -> list[tuple[list[str], int]]:
 # counts a thread blocked on a Python-level queue as active; these are
 # dropped from the totals (a thread blocked in fsync() is kept: that is
 # real waiting for the disk).
-IDLE_LEAVES = ("_worker (concurrent/futures/thread.py:81)", "select (selectors.py:",
-               "wait (threading.py:", "_wait_for_tstate_lock (threading.py:")
+IDLE_LEAVES = (("_worker", "concurrent/futures/thread.py:81"), ("select", "selectors.py:"),
+               ("wait", "threading.py:"), ("_wait_for_tstate_lock", "threading.py:"))
 
 
 def is_idle(frame: str) -> bool:
-    return any(mark in frame for mark in IDLE_LEAVES)
+    name, _, where = frame.partition(" (")
+    return any(name.endswith(func) and path in where for func, path in IDLE_LEAVES)
 
 
 def summarise(text: str, top: int = 25) -> str:
