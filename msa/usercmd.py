@@ -29,19 +29,23 @@ MIN_PASSWORD = 1
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="msa user", description="Manage submission users.")
     p.add_argument("--config", help="config file (default: $MSA_CONFIG, /etc/msa/msa.toml)")
+    # --config is accepted after the action too (``msa user list --config F``).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="action", required=True)
-    add = sub.add_parser("add", help="add a user")
+    add = sub.add_parser("add", help="add a user", parents=[common])
     add.add_argument("name")
     add.add_argument("--password-stdin", action="store_true",
                      help="read the password from the first line of stdin")
     add.add_argument("--sender", action="append", default=[], metavar="ADDR",
                      help="an address or @domain the user may send as (repeatable)")
-    pw = sub.add_parser("passwd", help="set a user's password")
+    pw = sub.add_parser("passwd", help="set a user's password", parents=[common])
     pw.add_argument("name")
     pw.add_argument("--password-stdin", action="store_true")
-    rm = sub.add_parser("remove", help="remove a user")
+    rm = sub.add_parser("remove", help="remove a user", parents=[common])
     rm.add_argument("name")
-    sub.add_parser("list", help="list users and the addresses they may send as")
+    sub.add_parser("list", help="list users and the addresses they may send as",
+                   parents=[common])
     return p
 
 

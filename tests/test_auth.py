@@ -121,6 +121,9 @@ def test_usercmd_main_in_process(tmp_path, ca, monkeypatch):
     cfg = support.write_config(tmp_path, ca)
     monkeypatch.setattr("sys.stdin", io.StringIO("secret\n"))
     assert usercmd.main(["--config", str(cfg), "add", "carol", "--password-stdin"]) == 0
+    assert usercmd.main(["remove", "carol", "--config", str(cfg)]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("secret\n"))
+    assert usercmd.main(["add", "carol", "--config", str(cfg), "--password-stdin"]) == 0
     entry = PasswdFile(tmp_path / "passwd").get("carol")
     assert entry.hash.startswith("$argon2id$")
     assert FAST_HASHER.verify(entry.hash, "secret")
