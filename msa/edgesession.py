@@ -14,8 +14,9 @@ behave differently:
   after STARTTLS: aiosmtpd's ``auth_require_tls`` does not see implicit
   TLS), AUTH (argon2 in a thread, failure delay and limit), MAIL, RCPT;
 - DATA, which aiosmtpd would buffer whole in memory: we read the stream in
-  chunks through :class:`msa.smtpdata.DataReader` into a :class:`BodySink`
-  (memory up to a bound, then an unnamed file in the spool's ``tmp/``).
+  chunks through :class:`msa.smtpdata.DataReader` into a
+  :class:`msa.edgestore.BodySink` (memory up to a bound, then an unnamed
+  file in the spool's ``tmp/``).
 
 Durability (DESIGN invariant 1): ``250`` is sent only after the queue file
 was written in ``tmp/``, fsynced and renamed into ``incoming/`` (in a
@@ -27,19 +28,18 @@ Nothing is acknowledged on any error: a refused DATA leaves no file.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
-import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope as _AioEnvelope
 from aiosmtpd.smtp import Session as _AioSession, TLSSetupException
 
-from spool import SpoolError, SpoolFull, new_id
+from spool import SpoolError, new_id
 
 from . import queuefile, smtpcmd, smtpdata, tlsconf
+from .edgestore import BodySink, spool_reply, store_message
 from .auth import CredentialsInvalidError
 from .errors import MsaError
 from .validators import Reply, SmtpValidators, enhance
@@ -84,65 +84,6 @@ class Transaction(_AioEnvelope):
         super().__init__()
         self.params = smtpcmd.MailParams()
         self.recipients: list[queuefile.Recipient] = []
-
-
-class BodySink:
-    """Where a message goes while it is read: memory up to ``memory_limit``
-    bytes, then an unnamed temp file (O_TMPFILE) in ``spill_dir``, which
-    disappears by itself if the process dies."""
-
-    def __init__(self, spill_dir: str, memory_limit: int):
-        self.spill_dir, self.memory_limit = spill_dir, memory_limit
-        self.buf = bytearray()
-        self.file: Any = None
-        self.size = 0
-        self.error: OSError | None = None
-
-    def write(self, data: bytes) -> None:
-        if self.error is not None:
-            return
-        self.size += len(data)
-        try:
-            if self.file is None and len(self.buf) + len(data) <= self.memory_limit:
-                self.buf += data
-                return
-            if self.file is None:
-                self.file = tempfile.TemporaryFile(dir=self.spill_dir)
-                self.file.write(self.buf)
-                self.buf = bytearray()
-            self.file.write(data)
-        except OSError as exc:
-            self.error = exc
-            self.close()
-
-    def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
-        if self.file is None:
-            yield bytes(self.buf)
-            return
-        self.file.flush()
-        self.file.seek(0)
-        while True:
-            data = self.file.read(size)
-            if not data:
-                return
-            yield data
-
-    def close(self) -> None:
-        self.buf = bytearray()
-        file, self.file = self.file, None
-        if file is not None:
-            with contextlib.suppress(OSError):
-                file.close()
-
-
-def store_message(spool, stage: str, env: queuefile.Envelope, sink: BodySink) -> str:
-    """Write envelope + message into ``tmp/``, fsync, rename into the stage
-    (the directory fsync is the caller's, shared). Runs in a thread."""
-    with spool.writer(stage, env.queue_id) as w:
-        w.write(env.to_bytes())
-        for chunk in sink.chunks():
-            w.write(chunk)
-        return w.commit(sync_dir=False)
 
 
 def _capture(server, session, envelope, mechanism, auth_data) -> AuthResult:
@@ -599,7 +540,7 @@ class SmtpSession(SMTP):
             return end.error.reply()
         if sink.error is not None:
             log.warning("%s: cannot spill message to disk: %s", self._client(), sink.error)
-            return _spool_reply(sink.error)
+            return spool_reply(sink.error)
         headers.finish()
         refusal = self._check_from(headers)
         if refusal:
@@ -613,7 +554,7 @@ class SmtpSession(SMTP):
             qid = await self._store(env, sink)
         except (SpoolError, OSError, queuefile.QueueFileError) as exc:
             log.warning("%s: queue file write error: %s", self._client(), exc)
-            return _spool_reply(exc)
+            return spool_reply(exc)
         s = self.session
         log.info("%s: client=%s, sasl_username=%s, from=<%s>, size=%d, nrcpt=%d, tls=%s",
                  qid, self._client(), s.auth_result or "", env.sender, sink.size,
@@ -689,9 +630,3 @@ class SmtpSession(SMTP):
             return qid
         finally:
             self._arm(self.settings.command_timeout)
-
-
-def _spool_reply(exc: BaseException) -> str:
-    if isinstance(exc, SpoolFull) or getattr(exc, "errno", None) in (28, 122):
-        return "452 4.3.1 Insufficient system storage"
-    return "451 4.3.0 Error: queue file write error"

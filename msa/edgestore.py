@@ -1,0 +1,91 @@
+"""Where the edge puts a message: a bounded in-memory or spilled body,
+then one queue file in the spool (I/O only; the rules are the session's).
+
+Invariants:
+
+- A body is held in memory up to ``memory_limit`` bytes; beyond that it
+  goes to an unnamed file (O_TMPFILE) in the spool's ``tmp/``, on the same
+  filesystem, which the kernel removes if the process dies.
+- :func:`store_message` writes envelope + body to ``tmp/<id>.<pid>``,
+  fsyncs it and renames it into the stage; it runs in a worker thread.
+  The directory fsync that makes the rename durable is the caller's
+  (:class:`spool.GroupSync`), and only after it may the caller say 250.
+- Any failure leaves no file behind (the spool Writer removes its temp
+  file); a full disk is :data:`SpoolFull` and becomes ``452 4.3.1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import tempfile
+from typing import Any, Iterator
+
+from spool import SpoolFull
+
+from . import queuefile
+
+
+class BodySink:
+    """Where a message goes while it is read: memory up to ``memory_limit``
+    bytes, then an unnamed temp file (O_TMPFILE) in ``spill_dir``, which
+    disappears by itself if the process dies."""
+
+    def __init__(self, spill_dir: str, memory_limit: int):
+        self.spill_dir, self.memory_limit = spill_dir, memory_limit
+        self.buf = bytearray()
+        self.file: Any = None
+        self.size = 0
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        self.size += len(data)
+        try:
+            if self.file is None and len(self.buf) + len(data) <= self.memory_limit:
+                self.buf += data
+                return
+            if self.file is None:
+                self.file = tempfile.TemporaryFile(dir=self.spill_dir)
+                self.file.write(self.buf)
+                self.buf = bytearray()
+            self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            self.close()
+
+    def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
+        if self.file is None:
+            yield bytes(self.buf)
+            return
+        self.file.flush()
+        self.file.seek(0)
+        while True:
+            data = self.file.read(size)
+            if not data:
+                return
+            yield data
+
+    def close(self) -> None:
+        self.buf = bytearray()
+        file, self.file = self.file, None
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.close()
+
+
+def store_message(spool, stage: str, env: queuefile.Envelope, sink: BodySink) -> str:
+    """Write envelope + message into ``tmp/``, fsync, rename into the stage
+    (the directory fsync is the caller's, shared). Runs in a thread."""
+    with spool.writer(stage, env.queue_id) as w:
+        w.write(env.to_bytes())
+        for chunk in sink.chunks():
+            w.write(chunk)
+        return w.commit(sync_dir=False)
+
+
+def spool_reply(exc: BaseException) -> str:
+    if isinstance(exc, SpoolFull) or getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return "452 4.3.1 Insufficient system storage"
+    return "451 4.3.0 Error: queue file write error"
