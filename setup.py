@@ -7,7 +7,7 @@ setup(
     packages=["msa", "spool"],
     python_requires=">=3.11",
     install_requires=[
-        "aiosmtpd>=1.4",
+        "aiosmtpd>=1.4,<1.5",  # the edge subclasses its SMTP session (tested on 1.4.6)
         "aiosmtplib>=3.0",
         "dnspython>=2.4",
         "filelock>=3.12",
