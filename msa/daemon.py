@@ -14,8 +14,9 @@ may run as separate processes, even as different users). Invariants:
   is an flock: even an unfinished one is released by the exit), exit 0.
 - SIGHUP or ``reload`` on the control socket: the config file is read
   again and the listeners take the new certificates and password file
-  (``SmtpEdge.reload``) without dropping open connections; a bad new
-  config is logged and the old one kept.
+  (``SmtpEdge.reload``) without dropping open connections, the watcher
+  new policy settings (not new stages); a bad new config is logged and
+  the old one kept.
 - The control socket (``flush``, ``reload``, ``status``) is served by the
   process that runs the delivery runner (``daemon`` or ``deliver``).
 """
@@ -193,6 +194,8 @@ class Daemon:
         """Read the config again; the listeners take new certificates and
         passwords. A bad file keeps the old config."""
         new = config.load(self.cfg.path or None)
+        if self.watcher is not None:
+            self.watcher.reload(new)
         for edge in self.edges:
             edge.reload(new)
         self.cfg = new

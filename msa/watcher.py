@@ -44,7 +44,7 @@ import spool as spoollib
 from spool import Claim, Spool, StageWatcher
 
 from . import maildrop, policies, queuefile
-from .config import ACTIVE, Config
+from .config import ACTIVE, Config, ConfigError
 from .headerblock import CONTINUATION, END_BODY, END_EMPTY, HeaderBlock, line_kind
 from .policies import Policy
 from .queuefile import Envelope, QueueFileError
@@ -117,6 +117,14 @@ class Watcher:
         self._wake: asyncio.Event | None = None
         self._crash_after = int(os.environ.get(CRASH_AFTER_PARTS_ENV, "0") or 0)
         self._parts_committed = 0
+
+    def reload(self, cfg: Config) -> None:
+        """New policy settings (forward rules, header switches) for the
+        next messages; the stage directories cannot change while running."""
+        if cfg.policies.stages != self.cfg.policies.stages:
+            raise ConfigError("[policies] stages cannot change without a restart")
+        pipeline = policies.pipeline(cfg)
+        self.cfg, self.pipeline, self.stage_policies = cfg, pipeline, dict(pipeline)
 
     def watched_stages(self) -> list[str]:
         return ["maildrop", *self.next_stage]

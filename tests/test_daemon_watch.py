@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from msa import config
+from msa import config, queuefile
 from msa.store import open_spool
 from tests import support
 from tests.daemon_support import MESSAGE, deposit, smtp_file
@@ -33,11 +33,19 @@ def test_watch_process_runs_reloads_and_stops_cleanly(tmp_path):
         support.wait_for(lambda: qid in list(sp.names("active")), what="message in active/")
         assert int(pidfile.read_text()) == proc.p.pid
         assert list(sp.names("tmp")) == []
+        # SIGHUP: a new forward rule applies to the next message.
+        with open(path, "a") as f:
+            f.write('\n[policies]\nforward = [["^b@x\\\\.test$", "c@x.test"]]\n')
         os.kill(proc.p.pid, signal.SIGHUP)
+        support.wait_for(lambda: b"reloaded" in _read_so_far(proc), what="reload")
+        second = deposit(sp, "incoming", smtp_file(["b@x.test"], MESSAGE))
+        support.wait_for(lambda: second in list(sp.names("active")), what="second message")
+        env, _ = queuefile.load(sp.path("active", second))
+        assert [r.address for r in env.recipients] == ["c@x.test"]
         os.kill(proc.p.pid, signal.SIGTERM)
         assert proc.p.wait(30) == 0
     finally:
-        out = proc.output()
+        out = _read_so_far(proc).decode() + proc.output()
     assert "started watch" in out and "reloaded" in out and "stopped" in out, out
     assert f"{qid}: policies done, queued in active/" in out
     assert not pidfile.exists()
@@ -95,3 +103,16 @@ def test_detach_writes_pidfile_logs_to_file_and_stops_on_sigterm(tmp_path):
             pass
     log = (tmp_path / "msa.log").read_text()
     assert "started watch" in log and "stopped" in log and qid in log
+
+
+_seen: dict[int, bytes] = {}
+
+
+def _read_so_far(proc) -> bytes:
+    fd = proc.p.stdout.fileno()
+    os.set_blocking(fd, False)
+    try:
+        _seen[fd] = _seen.get(fd, b"") + (os.read(fd, 65536) or b"")
+    except BlockingIOError:
+        pass
+    return _seen.get(fd, b"")
