@@ -17,7 +17,8 @@ Decisions:
   to RCPT or to the end of DATA is the recipient's answer for this attempt.
   If no host could be used the recipients are deferred (never bounced).
 - TLS (RFC 3207): ``opportunistic`` uses STARTTLS when offered with an
-  unverified context (an unverified certificate still beats plain text);
+  unverified context (an unverified certificate still beats plain text),
+  and if no TLS can be negotiated at all connects again in plain text;
   ``required`` (per domain with ``tls_required_domains``, and for a
   smarthost by default) verifies the chain and the host name and defers
   when STARTTLS is missing or the certificate does not verify; ``none``
@@ -531,6 +532,20 @@ class SmtpRelay:
             except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
                 pass
             self.pool.discard(conn)
+        try:
+            return await self._new_connection(key, dest, where, starttls=True)
+        except HostFailure as hf:
+            if not (dest.tls == "opportunistic" and hf.error.status == "4.7.5"):
+                raise
+            # Opportunistic TLS that cannot be negotiated at all: plain
+            # text rather than no delivery (Postfix "may" does the same).
+            log.info("%s[%s]:%d: %s; trying again without TLS", where.host, where.addr,
+                     where.port, hf.error.message)
+            return await self._new_connection(key, dest, Where(where.host, where.addr,
+                                                               where.port), starttls=False)
+
+    async def _new_connection(self, key: tuple, dest: Destination, where: Where,
+                              starttls: bool) -> Connection:
         await self.pool.reserve()
         smtp = self.client_factory(hostname=where.addr, port=where.port,
                                    timeout=self.command_timeout,
@@ -538,14 +553,14 @@ class SmtpRelay:
                                    use_tls=False)
         conn = Connection(smtp, key, where)
         try:
-            await self._open(conn, dest)
+            await self._open(conn, dest, starttls)
         except BaseException:
             smtp.close()
             self.pool.unreserve()
             raise
         return conn
 
-    async def _open(self, conn: Connection, dest: Destination) -> None:
+    async def _open(self, conn: Connection, dest: Destination, starttls: bool = True) -> None:
         smtp, where = conn.smtp, conn.where
         try:
             await smtp.connect(timeout=self.connect_timeout)
@@ -559,8 +574,8 @@ class SmtpRelay:
                 451, "4.4.1")) from None
         try:
             await self._hello(smtp)
-            if dest.tls != "none" and (smtp.supports_extension("starttls")
-                                       or dest.tls == "required"):
+            if starttls and dest.tls != "none" and (smtp.supports_extension("starttls")
+                                                    or dest.tls == "required"):
                 await self._starttls(conn, dest)
             if dest.auth:
                 await self._login(smtp, dest, where)
@@ -598,6 +613,12 @@ class SmtpRelay:
         except ssl.SSLError as exc:
             raise HostFailure(TransientError(
                 f"TLS handshake with {where.host}[{where.addr}] failed: {exc.reason or exc}",
+                451, "4.7.5")) from None
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError,
+                ConnectionError) as exc:
+            # The server gave up on the handshake (it dislikes our offer).
+            raise HostFailure(TransientError(
+                f"TLS handshake with {where.host}[{where.addr}] failed: {_why(exc)}",
                 451, "4.7.5")) from None
         except aiosmtplib.SMTPResponseException as exc:
             if required:

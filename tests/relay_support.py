@@ -433,3 +433,55 @@ class RunnerHarness:
 def load_config(path: Path):
     from msa import config
     return config.load(str(path))
+
+
+# ---------------------------------------------------------------- measurement
+
+def measure_backlog(n: int, seconds: float = 20.0) -> dict:
+    """Fill active/ with ``n`` queue files (plain writes, test setup), run
+    ``bin/msa deliver`` against Postfix smtp-sink for ``seconds`` and
+    sample the runner's RSS. ``python3 -m tests.relay_support N [SECONDS]``."""
+    import shutil
+    import tempfile
+    from msa.queuefile import Envelope, utc_iso
+    from msa.store import open_spool
+    from spool import new_id
+    from tests.daemon_support import start_daemon
+
+    tmp = Path(tempfile.mkdtemp(prefix="msa-backlog-"))
+    port = support.free_port()
+    # No dumps: measure the runner, not the sink's disk.
+    proc = support.Proc(["/usr/sbin/smtp-sink", "-u", "nobody", f"127.0.0.1:{port}", "200"])
+    support.wait_port(port)
+    cfg_path = relay_config(tmp, relay={"force_mx": {"x.test": f"127.0.0.1:{port}"},
+                                        "tls": "none", "max_connections_per_domain": 20})
+    spool = open_spool(load_config(cfg_path))
+    msg = b"Subject: backlog\r\n\r\nx\r\n"
+    arrival = utc_iso(time.time())
+    for _ in range(n):
+        qid = new_id()
+        env = Envelope(sender="a@example.org", queue_id=qid, arrival=arrival, size=str(len(msg)))
+        env.add_recipient("b@x.test")
+        with open(spool.path("active", qid), "wb") as f:
+            f.write(env.to_bytes() + msg)
+    runner = start_daemon(cfg_path, "deliver")
+    samples = []
+    start = time.monotonic()
+    try:
+        while time.monotonic() - start < seconds:
+            time.sleep(1)
+            with open(f"/proc/{runner.p.pid}/status") as f:
+                rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+            samples.append(rss)
+    finally:
+        runner.stop()
+        proc.stop()
+    left = sum(1 for _ in spool.names("active"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"backlog": n, "seconds": seconds, "delivered": n - left,
+            "rate_per_s": round((n - left) / seconds, 1),
+            "rss_kb_first": samples[0], "rss_kb_max": max(samples), "rss_kb_last": samples[-1]}
+
+
+if __name__ == "__main__":
+    print(measure_backlog(int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 20.0))

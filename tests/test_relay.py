@@ -368,3 +368,19 @@ async def _attempt_file(relay, f, size):
         return await relay.attempt(envelope("b@x.test"), FileMessage(f, 0, size))
     finally:
         await relay.close()
+
+
+def test_opportunistic_tls_that_cannot_be_negotiated_falls_back_to_plain(ca):
+    ctx = server_tls_context(ca)
+    ctx.set_ciphers("NULL")            # nothing a client will agree to
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    sink = Sink(tls_context=ctx).start()
+    try:
+        results = run_async(attempt_and_close(relay_to(sink), envelope("b@x.test")))
+        assert results[0].state == "sent" and not results[0].tls
+        assert sink.wait_messages(1)[0].tls is False and sink.connections == 2
+        strict = relay_to(sink, tls="required", cafile=str(ca.ca_pem))
+        results = run_async(attempt_and_close(strict, envelope("b@x.test")))
+        assert (results[0].state, results[0].status) == ("deferred", "4.7.5")
+    finally:
+        sink.stop()
