@@ -79,6 +79,8 @@ class Runner:
         self._progress = asyncio.Event()
         self._flush = False
         self._stopped = asyncio.Event()
+        self._done = asyncio.Event()
+        self._grace = 0.0
         self._watcher: StageWatcher | None = None
         self._notes: list[tuple[str, float]] | None = None
         self._busy: dict[str, int] = {}
@@ -111,13 +113,22 @@ class Runner:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking work; let deliveries in progress finish for up to
-        ``grace`` seconds (default: the data timeout), then cancel them.
-        A cancelled delivery stays in the spool and is tried again."""
+        ``grace`` seconds (default: the data timeout), then cancel them,
+        and return when :meth:`run` has cleaned up. A cancelled delivery
+        stays in the spool and is tried again."""
         self._grace = self.cfg.relay.data_timeout if grace is None else grace
         self._stopped.set()
+        if self._queue is not None:  # run() was started
+            await self._done.wait()
 
     async def _shutdown(self, loop) -> None:
-        grace = getattr(self, "_grace", 0.0)
+        try:
+            await self._wind_down(loop, self._grace)
+        finally:
+            self._done.set()
+            log.info("runner stopped")
+
+    async def _wind_down(self, loop, grace: float) -> None:
         for t in self._tasks:
             if t.get_name().startswith("feed"):
                 t.cancel()
@@ -137,7 +148,6 @@ class Runner:
         if self._watcher is not None:
             self._watcher.close()
         await self.relay.close()
-        log.info("runner stopped")
 
     # -- feeding ---------------------------------------------------------------
 

@@ -384,3 +384,28 @@ def test_opportunistic_tls_that_cannot_be_negotiated_falls_back_to_plain(ca):
         assert (results[0].state, results[0].status) == ("deferred", "4.7.5")
     finally:
         sink.stop()
+
+
+def test_relay_from_config(tmp_path):
+    from msa import config
+    from msa.relay import relay_from_config
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    cfg = config.from_dict({"server": {"hostname": "msa.test"}, "relay": {
+        "smarthost": "smart.example:587", "smarthost_user": "u",
+        "smarthost_password_file": str(pw), "command_timeout": 3.0}})
+    relay = relay_from_config(cfg)
+    assert isinstance(relay, SmarthostRelay)
+    dest = relay.destination("anything.test")
+    assert (dest.tls, dest.auth, dest.hosts[0].name, dest.hosts[0].port) == (
+        "required", ("u", "s3cret"), "smart.example", 587)
+    assert relay.ehlo_as == "msa.test" and relay.command_timeout == 3.0
+    cfg = config.from_dict({"relay": {"force_mx": {"X.test": "127.0.0.1:2525"}, "port": 26,
+                                      "tls_required_domains": ["secure.test"]}})
+    relay = relay_from_config(cfg)
+    assert isinstance(relay, MxSmtpRelay) and relay.port == 26
+    forced = relay.destination("x.test")
+    assert [(h.name, h.port, h.configured) for h in forced.hosts] == [("127.0.0.1", 2525, True)]
+    assert relay.destination("secure.test").tls == "required"
+    assert relay.destination("other.test").tls == "opportunistic"
+    assert relay.destination("other.test").hosts is None
