@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from .procs import die_with_parent
+
 ROOT = Path(__file__).resolve().parent.parent
 MSA = ROOT / "bin" / "msa"
 if str(ROOT) not in sys.path:
@@ -143,14 +145,16 @@ class MsaInstance:
         argv = self.argv()
         self._log = open(self.logfile, "ab")
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env, cwd=self.base, start_new_session=True)
+                                     env=env, cwd=self.base, start_new_session=True,
+                                     preexec_fn=die_with_parent)
         if wait_listen:
             self._wait_port(timeout)
 
     def argv(self) -> list[str]:
-        if self.command == "daemon" and not has_trusted_networks():
+        if self.command in ("daemon", "edge") and not has_trusted_networks():
             return [sys.executable, str(ROOT / "bench" / "msa_daemon.py"), "--config",
-                    str(self.config), "--listen", f"127.0.0.1:{self.port}"]
+                    str(self.config), "--listen", f"127.0.0.1:{self.port}",
+                    "--only", self.command]
         return [sys.executable, str(MSA), self.command, "--config", str(self.config),
                 "--foreground"]
 

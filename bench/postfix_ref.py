@@ -24,6 +24,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from . import procs
+
 POSTFIX = "/usr/sbin/postfix"
 MAIL_OWNER = "postfix"
 SETGID_GROUP = "postdrop"
@@ -147,6 +149,7 @@ class PostfixRef:
 
     def start(self, timeout: float = 20.0) -> None:
         self.write_config()
+        self._guard()
         r = self._postfix("start", check=False)
         if r.returncode != 0:
             raise RuntimeError(f"postfix start failed: {r.stdout}{r.stderr}{self.log_tail()}")
@@ -156,7 +159,14 @@ class PostfixRef:
                 raise RuntimeError(f"postfix master did not start:{self.log_tail()}")
             time.sleep(0.05)
 
+    def _guard(self) -> None:
+        """The master detaches from us: a watchdog stops it if this process
+        dies without stopping it (killed by a test timeout, say)."""
+        self.guard = procs.watchdog(f"{POSTFIX} -c '{self.etc}' stop >/dev/null 2>&1")
+
     def stop(self) -> None:
+        procs.end_watchdog(getattr(self, "guard", None))
+        self.guard = None
         if self.master_pid() is None:
             return
         self._postfix("stop", check=False)

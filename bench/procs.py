@@ -10,9 +10,38 @@ them up, and an overestimate of Postfix's real footprint. The PSS sum
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import subprocess
 import threading
 import time
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for a child that must not outlive the harness: the
+    kernel sends it SIGTERM when the harness dies, even by SIGKILL. (The
+    kernel forgets this when the child changes user: see :func:`watchdog`.)"""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def watchdog(command: str) -> subprocess.Popen:
+    """A shell that runs ``command`` once this process is gone, for what
+    :func:`die_with_parent` cannot cover (a Postfix master that detaches,
+    an smtp-sink that drops root). Kill it when the thing is stopped."""
+    me = os.getpid()
+    return subprocess.Popen(
+        ["sh", "-c", f"while kill -0 {me} 2>/dev/null; do sleep 1; done; {command}"],
+        start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+
+
+def end_watchdog(dog: subprocess.Popen | None) -> None:
+    if dog is not None:
+        dog.kill()
+        dog.wait()
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -38,6 +67,26 @@ def vm_rss_kb(pid: int) -> int:
 def vm_hwm_kb(pid: int) -> int:
     """Peak RSS of one process since it started (``VmHWM``)."""
     return _kb(_status(pid).get("VmHWM", ""))
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU time a process has used (``/proc/PID/stat``);
+    with ``children``, plus that of its children it has reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process tree: every live member plus the reaped children
+    (a Postfix smtpd that exits is counted in the master's child time)."""
+    return sum(cpu_seconds(p, children=True) for p in tree(pid))
 
 
 def _parents() -> dict[int, int]:

@@ -75,6 +75,12 @@ def load_rows(load: list[dict], metrics=("accept", "e2e")) -> list[Row]:
     return rows
 
 
+def cpu_ms(load: list[dict], side: str, conc: int) -> float | None:
+    per = [1000 * r["cpu_s"] / r["n"] for r in load
+           if r["side"] == side and r["conc"] == conc and r.get("cpu_s") is not None]
+    return statistics.median(per) if per else None
+
+
 def _num(x: float | None, fmt: str = "{:.1f}") -> str:
     return "-" if x is None else fmt.format(x)
 
@@ -102,6 +108,9 @@ def format_load(results: dict, metrics=("accept", "e2e")) -> list[str]:
         target = "" if row.target is None else f">={row.target:.1f}x"
         out.append(f"{row.metric:<8}{row.conc:>5}{_num(row.msa):>11}{_num(row.postfix):>11}"
                    f"{ratio:>10}{target:>9}  {row.verdict}")
+    out.append("CPU per message, end to end (median ms; all processes of the side): " + ", ".join(
+        f"c={conc} msa {_num(cpu_ms(load, 'msa', conc))} / postfix "
+        f"{_num(cpu_ms(load, 'postfix', conc))}" for conc in sorted({r['conc'] for r in load})))
     errors = [r for r in load if r.get("error")]
     for r in errors:
         out.append(f"  error: {r['side']} c={r['conc']} round {r['round']}: {r['error']}")
@@ -179,6 +188,24 @@ def format_backlog(b: dict) -> list[str]:
         f"{_check(backlog_ok(r))})"))
 
 
+def format_stages(st: dict) -> list[str]:
+    if not st:
+        return []
+    if st.get("error"):
+        return [f"components alone: error: {st['error']}"]
+    n = st["n"]
+    out = [f"msa components alone, each its own process ({n} messages of the load size):"]
+    for name, what in (("edge", "edge (smtp-source c=10 -> incoming/)"),
+                       ("watch", "watcher (incoming/ -> active/)"),
+                       ("deliver", "runner (active/ -> sink)")):
+        r = st.get(name)
+        if not r:
+            continue
+        out.append(f"  {what:<38} {n / r['seconds']:8.1f} msg/s "
+                   f"{1000 * r['cpu_s'] / n:6.2f} ms CPU/msg {r.get('error', '')}")
+    return out
+
+
 def format_meta(meta: dict) -> list[str]:
     out = [f"msa {meta.get('msa_rev', '?')} vs Postfix {meta.get('postfix_version', '?')}; "
            f"{meta.get('cpus')} CPUs; Python {meta.get('python')}; {meta.get('kernel')}"]
@@ -193,6 +220,7 @@ def format_meta(meta: dict) -> list[str]:
 
 def format_all(results: dict, metrics=("accept", "e2e")) -> str:
     parts = [format_meta(results.get("meta", {})), format_load(results, metrics),
+             format_stages(results.get("stages") or {}),
              format_big(results.get("big") or {}), format_idle(results.get("idle") or {}),
              format_backlog(results.get("backlog") or {})]
     return "\n\n".join("\n".join(p) for p in parts if p)

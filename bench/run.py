@@ -22,6 +22,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,7 @@ from bench import profile as profile_mod  # noqa: E402
 from bench.sink import SMTP_SINK  # noqa: E402
 from bench.source import SMTP_SOURCE  # noqa: E402
 
-PHASES = ("accept", "e2e", "big", "idle", "backlog")
+PHASES = ("accept", "e2e", "stages", "big", "idle", "backlog")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -143,6 +144,9 @@ def run(args: argparse.Namespace, work: Path, results: dict) -> None:
             (Path(args.profile) / "msa-c10.summary.txt").write_text(summary + "\n")
             results["profile"] = str(Path(args.profile) / "msa-c10.summary.txt")
             log("profile of msa at c=10:\n" + summary)
+    if "msa" in sides and "stages" in args.phases:
+        log(f"components phase: edge, watcher, runner alone, N={args.n}")
+        results["stages"] = scenarios.stages_phase(work, args.n, args.size, log)
     if "big" in args.phases:
         log(f"big message phase: {args.big} bytes")
         results["big"] = scenarios.big_phase(work / "big", sides, args.big, log)
@@ -155,8 +159,14 @@ def run(args: argparse.Namespace, work: Path, results: dict) -> None:
                                                      log)
 
 
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the phases' cleanup
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     missing = missing_tools()
     if missing:
         print("bench: missing " + ", ".join(missing) + " (run `sh .ci/setup` as root)",

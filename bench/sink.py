@@ -13,6 +13,8 @@ import subprocess
 import threading
 import time
 
+from .procs import die_with_parent, end_watchdog, watchdog
+
 SMTP_SINK = "/usr/sbin/smtp-sink"
 _COUNTER = re.compile(rb"mesg=(\d+)")
 
@@ -36,7 +38,10 @@ class Sink:
         self.proc = subprocess.Popen(
             [SMTP_SINK, "-c", "-u", "nobody", "-m", str(max_sessions),
              f"127.0.0.1:{port}", str(backlog)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent)
+        # smtp-sink drops root (-u nobody), which clears die_with_parent.
+        self._dog = watchdog(f"kill {self.proc.pid} 2>/dev/null")
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
@@ -94,6 +99,7 @@ class Sink:
             return self.first_time
 
     def stop(self) -> None:
+        end_watchdog(self._dog)
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

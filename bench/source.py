@@ -7,6 +7,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from .procs import die_with_parent
+
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 
 
@@ -34,7 +36,7 @@ def run(port: int, concurrency: int, count: int, size: int,
     start = time.monotonic()
     try:
         p = subprocess.run(argv(port, concurrency, count, size), capture_output=True,
-                           text=True, timeout=timeout)
+                           text=True, timeout=timeout, preexec_fn=die_with_parent)
     except subprocess.TimeoutExpired as exc:
         return SourceResult(time.monotonic() - start, -1,
                             f"timeout after {timeout}s {exc.stderr or ''}")

@@ -136,11 +136,17 @@ def test_sink_counts_what_smtp_source_sends():
 def test_quick_run_of_the_harness_writes_matching_json_and_table(tmp_path):
     out = tmp_path / "r.json"
     sides = "postfix" if msa_side.missing_features() else "msa,postfix"
-    p = subprocess.run([sys.executable, str(support.ROOT / "bench" / "run.py"), "--quick",
-                        "--only", "accept,e2e", "--n", "20", "--conc", "1,10", "--sides", sides,
-                        "--json", str(out)], capture_output=True, text=True, timeout=120,
-                       cwd=support.ROOT)
-    assert p.returncode == 0, p.stdout + p.stderr
+    p = subprocess.Popen([sys.executable, str(support.ROOT / "bench" / "run.py"), "--quick",
+                          "--only", "accept,e2e", "--n", "20", "--conc", "1,10", "--sides",
+                          sides, "--json", str(out)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, cwd=support.ROOT)
+    try:
+        stdout, _ = p.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        p.terminate()  # run.py stops Postfix, msa and the sinks on SIGTERM
+        stdout, _ = p.communicate(timeout=60)
+        pytest.fail(f"bench/run.py --quick took over 90 s:\n{stdout}")
+    assert p.returncode == 0, stdout
     results = json.loads(out.read_text())
     runs = [r for r in results["load"] if r["side"] == "postfix"]
     assert {r["conc"] for r in runs} == {1, 10}
@@ -148,5 +154,36 @@ def test_quick_run_of_the_harness_writes_matching_json_and_table(tmp_path):
     assert results["rss"]["postfix"]["tree_peak_kb"] > 0
     row = next(r for r in report.load_rows(results["load"]) if r.metric == "accept"
                and r.conc == 10)
-    assert f"{row.postfix:.1f}" in p.stdout
+    assert f"{row.postfix:.1f}" in stdout
     assert results["meta"]["disk"]["creates_per_s"] > 0
+
+
+@needs_postfix
+def test_postfix_and_sink_stop_when_the_harness_is_killed():
+    work = Path(tempfile.mkdtemp(prefix="msa-bench-test-"))
+    os.chmod(work, 0o755)
+    code = ("import sys, time; sys.path.insert(0, %r)\n"
+            "from pathlib import Path\n"
+            "from bench.scenarios import Side\n"
+            "s = Side('postfix', Path(%r)); s.start()\n"
+            "print(s.server.master_pid(), s.sink.proc.pid, flush=True); time.sleep(60)\n"
+            % (str(support.ROOT), str(work)))
+    harness = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        master, sink = map(int, harness.stdout.readline().split())
+        harness.kill()  # SIGKILL: no cleanup code of the harness runs
+        harness.wait()
+        support.wait_for(lambda: not _alive(master) and not _alive(sink), 30,
+                         what="postfix master and smtp-sink to stop")
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
