@@ -140,10 +140,13 @@ def run(args: argparse.Namespace, work: Path, results: dict) -> None:
         results.update(scenarios.load_phase(work / "load", sides, args.concs, args.n,
                                             args.size, args.rounds, prof, log))
         if prof:
-            summary = profile_mod.summarise(prof.outputs[0].read_text())
-            (Path(args.profile) / "msa-c10.summary.txt").write_text(summary + "\n")
-            results["profile"] = str(Path(args.profile) / "msa-c10.summary.txt")
-            log("profile of msa at c=10:\n" + summary)
+            results["profile"] = []
+            for folded in prof.outputs:
+                summary = profile_mod.summarise(folded.read_text())
+                path = folded.with_suffix(".summary.txt")
+                path.write_text(summary + "\n")
+                results["profile"].append(str(path))
+                log(f"profile of msa at c=10 ({folded.name}):\n{summary}")
     if "msa" in sides and "stages" in args.phases:
         log(f"components phase: edge, watcher, runner alone, N={args.n}")
         results["stages"] = scenarios.stages_phase(work, args.n, args.size, log)

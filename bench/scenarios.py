@@ -152,16 +152,19 @@ def load_phase(work: Path, sides: list[str], concs: list[int], n: int, size: int
 
 def profiled_run(side: Side, profile: "Profiler", n: int, size: int, timeout: float,
                  log=print) -> None:
-    """An extra concurrency-10 run of msa under py-spy (not in the table:
-    sampling slows the process it samples)."""
-    drain(side, 60)
-    ps = profile.start(side.pid)
-    try:
-        r = send_and_wait(side, 10, n, size, timeout)
-    finally:
-        profile.stop(ps)
-    r["round"] = "profiled"
-    log(_run_line(r))
+    """Two extra concurrency-10 runs of msa under py-spy (not in the table:
+    sampling slows the process it samples): wall clock of every working
+    thread (waits for fsync included), then only samples holding the GIL
+    (where the CPU goes)."""
+    for mode in ("wall", "gil"):
+        drain(side, 60)
+        ps = profile.start(side.pid, mode)
+        try:
+            r = send_and_wait(side, 10, n, size, timeout)
+        finally:
+            profile.stop(ps)
+        r["round"] = f"profiled ({mode})"
+        log(_run_line(r))
 
 
 def _run_line(r: dict) -> str:
@@ -386,12 +389,12 @@ class Profiler:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.outputs: list[Path] = []
 
-    def start(self, pid: int) -> list[subprocess.Popen]:
-        path = self.dir / "msa-c10.folded"
+    def start(self, pid: int, mode: str = "wall") -> list[subprocess.Popen]:
+        path = self.dir / f"msa-c10-{mode}.folded"
         self.outputs.append(path)
-        p = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw",
-                              "--rate", "200", "--subprocesses", "-o", str(path)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        argv = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
+                "--subprocesses", "-o", str(path)] + (["--gil"] if mode == "gil" else [])
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # let py-spy attach before the load starts
         return [p]
 
