@@ -30,9 +30,22 @@ def is_idle(frame: str) -> bool:
     return any(name.endswith(func) and path in where for func, path in IDLE_LEAVES)
 
 
+# A stack belongs to the first component one of whose files it passes
+# through; what none claims is the event loop, logging and the rest.
+COMPONENTS = (("edge", ("msa/edge",)), ("watcher", ("msa/watcher.py",)),
+              ("runner", ("msa/runner.py", "msa/relay.py")))
+
+
+def component(frames: list[str]) -> str:
+    for name, files in COMPONENTS:
+        if any(f in frame for frame in frames for f in files):
+            return name
+    return "other"
+
+
 def summarise(text: str, top: int = 25) -> str:
     stacks = parse_folded(text)
-    own, incl = Counter(), Counter()
+    own, incl, comp = Counter(), Counter(), Counter()
     idle = 0
     for frames, count in stacks:
         frames = [_short(f) for f in frames]
@@ -40,11 +53,14 @@ def summarise(text: str, top: int = 25) -> str:
             idle += count
             continue
         own[frames[-1]] += count
+        comp[component(frames)] += count
         for f in set(frames):
             incl[f] += count
     total = sum(own.values()) or 1
     lines = [f"{total} samples of working threads ({idle} idle pool/selector samples left "
-             "out)", "self%  function"]
+             "out)", "by component: " + ", ".join(
+                 f"{name} {100 * c / total:.1f}%" for name, c in comp.most_common()),
+             "self%  function"]
     lines += [f"{100 * c / total:5.1f}  {f}" for f, c in own.most_common(top)]
     lines += ["", "incl%  function"]
     lines += [f"{100 * c / total:5.1f}  {f}" for f, c in incl.most_common(top)]

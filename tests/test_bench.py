@@ -72,6 +72,7 @@ def test_profile_summary_counts_self_and_inclusive_time():
             "_bootstrap (/x/threading.py:1);_worker (/x/concurrent/futures/thread.py:81) 50\n")
     out = profile.summarise(text)
     assert "100 samples of working threads (50 idle" in out
+    assert "by component: other 70.0%, edge 30.0%" in out
     assert " 70.0  fsync (spool/core.py:5)" in out
     assert "100.0  main (msa/x.py:1)" in out
 
