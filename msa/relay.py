@@ -57,6 +57,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 import aiosmtplib
 
 from .dotstuff import DotStuffer
+from .dsn import status_of as enhanced_status
 from .errors import MsaError, PermanentError, TransientError
 from .mx import MxHost, MxResolver, combine_host_errors, parse_hostport
 from .queuefile import Envelope, Recipient, one_line
@@ -103,8 +104,7 @@ def reply_text(code: int, message: str) -> str:
 
 def status_of(code: int, text: str) -> str:
     """The enhanced status code of a reply, or the class default."""
-    from .dsn import status_of as parse
-    return parse(text, {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0"))
+    return enhanced_status(text, {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0"))
 
 
 def result_for(address: str, code: int, message: str, where=None) -> RcptResult:
@@ -196,6 +196,7 @@ class Connection:
         self.smtp, self.key, self.where = smtp, key, where
         self.messages = 0
         self.idle_handle: asyncio.TimerHandle | None = None
+        self.dropped = False  # its slot in the pool was given back
 
     def supports(self, ext: str) -> bool:
         return self.smtp.supports_extension(ext)
@@ -223,13 +224,9 @@ class ConnectionPool:
         self.idle: dict[tuple, list[Connection]] = {}
         self.open = 0
         self.opened = 0           # connections ever opened (for tests, stats)
-        self._cond: asyncio.Condition | None = None
+        self.peak = 0             # most open at once
+        self._waiters: list[asyncio.Future] = []
         self._closing: set[asyncio.Task] = set()
-
-    def _condition(self) -> asyncio.Condition:
-        if self._cond is None:
-            self._cond = asyncio.Condition()
-        return self._cond
 
     def take(self, key: tuple) -> Connection | None:
         conns = self.idle.get(key)
@@ -244,23 +241,39 @@ class ConnectionPool:
         return None
 
     async def reserve(self) -> None:
-        """Wait for room for one more open connection."""
-        cond = self._condition()
-        async with cond:
-            while self.open >= self.max_total:
-                if not self._evict_oldest():
-                    await cond.wait()
-            self.open += 1
-            self.opened += 1
+        """Wait for room for one more open connection, closing an idle one
+        if that makes room."""
+        while self.open >= self.max_total:
+            if self._evict_oldest():
+                continue
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self.open += 1
+        self.opened += 1
+        self.peak = max(self.peak, self.open)
 
     def unreserve(self) -> None:
         self.open -= 1
-        self._notify()
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                break
 
     def put(self, conn: Connection) -> None:
         self.idle.setdefault(conn.key, []).append(conn)
         loop = asyncio.get_running_loop()
         conn.idle_handle = loop.call_later(self.idle_timeout, self._expire, conn)
+        # Someone waits for room: an idle connection can be closed for it.
+        self._wake_one()
 
     def discard(self, conn: Connection) -> None:
         """Close with QUIT in the background and free its slot."""
@@ -312,22 +325,9 @@ class ConnectionPool:
             self._drop(conn)
 
     def _drop(self, conn: Connection) -> None:
-        if getattr(conn, "_dropped", False):
-            return
-        conn._dropped = True
-        self.unreserve()
-
-    def _notify(self) -> None:
-        cond = self._cond
-        if cond is None:
-            return
-
-        async def wake():
-            async with cond:
-                cond.notify_all()
-        task = asyncio.ensure_future(wake())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        if not conn.dropped:
+            conn.dropped = True
+            self.unreserve()
 
     @staticmethod
     def _cancel_idle(conn: Connection) -> None:

@@ -198,11 +198,16 @@ def test_total_connection_limit_evicts_idle(sink):
             try:
                 await relay.attempt(envelope("b@x.test"), BytesMessage(MSG))
                 await relay.attempt(envelope("b@y.test"), BytesMessage(MSG))
-                return relay.pool.open
+                sequential = relay.pool.open
+                results = await asyncio.gather(*(
+                    relay.attempt(envelope(f"c{i}@{d}.test"), BytesMessage(MSG))
+                    for i in range(3) for d in "xy"))
+                return sequential, relay.pool.peak, [r[0].state for r in results]
             finally:
                 await relay.close()
-        assert run_async(go()) == 1
-        assert sink.wait_messages(1) and other.wait_messages(1)
+        sequential, peak, states = run_async(go())
+        assert sequential == 1 and peak == 1 and states == ["sent"] * 6
+        assert len(sink.wait_messages(4)) == 4 and len(other.wait_messages(4)) == 4
     finally:
         other.stop()
 
