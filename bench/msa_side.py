@@ -29,6 +29,8 @@ if str(ROOT) not in sys.path:
 # TOML appended to every generated msa.toml (``run.py --msa-toml``), for
 # experiments; the run's notes show it.
 EXTRA_TOML = ""
+# ``run.py --msa-split``: the daemon's three components as three processes.
+SPLIT = False
 
 # (section, key) the benchmark config needs; value shown in reports.
 TRUSTED_KEY = ("edge", "trusted_networks")
@@ -151,10 +153,11 @@ class MsaInstance:
             self._wait_port(timeout)
 
     def argv(self) -> list[str]:
-        if self.command in ("daemon", "edge") and not has_trusted_networks():
+        if (self.command in ("daemon", "edge") and not has_trusted_networks()) or (
+                self.command == "daemon" and SPLIT):
+            only = "split" if self.command == "daemon" and SPLIT else self.command
             return [sys.executable, str(ROOT / "bench" / "msa_daemon.py"), "--config",
-                    str(self.config), "--listen", f"127.0.0.1:{self.port}",
-                    "--only", self.command]
+                    str(self.config), "--listen", f"127.0.0.1:{self.port}", "--only", only]
         return [sys.executable, str(MSA), self.command, "--config", str(self.config),
                 "--foreground"]
 

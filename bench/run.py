@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="DIR", help="py-spy msa in an extra c=10 run")
     p.add_argument("--msa-toml", default="", metavar="TOML",
                    help="append this to msa's generated msa.toml (experiments; noted)")
+    p.add_argument("--msa-split", action="store_true",
+                   help="run msa as three processes (edge, watch, deliver) on one spool")
     p.add_argument("--json", metavar="PATH", help="write the raw results here")
     p.add_argument("--workdir", help="parent of the temp dir (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, spools)")
@@ -116,6 +118,9 @@ def run(args: argparse.Namespace, work: Path, results: dict) -> None:
                  "commits_per_s": disk.durable_commits_per_s(work / "disk", 200 if args.quick
                                                              else 1000)}
     sides = list(args.side_list)
+    if args.msa_split:
+        msa_side.SPLIT = True
+        m["notes"].append("msa runs as three processes: edge, `msa watch`, `msa deliver`")
     if args.msa_toml:
         msa_side.EXTRA_TOML = "\n" + args.msa_toml.replace("\\n", "\n") + "\n"
         m["notes"].append(f"msa.toml extra: {args.msa_toml!r}")
