@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
     missing = missing_tools()
+    if args.profile and not shutil.which("py-spy"):
+        missing.append("py-spy for --profile (pip install py-spy)")
     if missing:
         print("bench: missing " + ", ".join(missing) + " (run `sh .ci/setup` as root)",
               file=sys.stderr)
