@@ -230,11 +230,15 @@ class Claim:
         if mtime is not None:
             os.utime(src, (mtime, mtime))
         os.rename(src, dest)
-        fsync_dir(dest.parent)
-        fsync_dir(src.parent)
         self.stage = to_stage
+        # The work on the file is done once it is renamed: release before
+        # the directory fsyncs, so the next stage's worker (woken by the
+        # rename) can claim it at once. The fsyncs still complete before
+        # this returns, so the caller's acknowledgement stays durable.
         if release:
             self.release()
+        fsync_dir(dest.parent)
+        fsync_dir(src.parent)
 
     def defer(self, due: float, attempt: int) -> None:
         """Move to ``deferred/<attempt>/`` with mtime = due time."""
