@@ -23,17 +23,21 @@ Invariants:
   verified) so the reply time does not tell which names exist.
 - :meth:`Auth.verify_secret` is synchronous and CPU-heavy; the edge runs
   it in a small thread pool, never on the event loop.
+- :class:`TrustedNetworks` (``[edge] trusted_networks``) lets clients from
+  listed networks submit without AUTH (Postfix's ``permit_mynetworks``);
+  an IPv4-mapped IPv6 peer (``::ffff:127.0.0.1``) is its IPv4 address.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 import argon2
 import filelock
@@ -76,6 +80,18 @@ class Auth:
     def senders_for(self, user: str) -> list[str]:
         """Extra addresses this backend lets ``user`` send as."""
         return []
+
+
+def auth_backend(auth: Any, session: Any = None) -> Any:
+    """The object to verify with: an :class:`Auth` class (the tutorial
+    passes the class) is made for the session, with it as slimta does or
+    without arguments; an instance is used as it is."""
+    if not isinstance(auth, type):
+        return auth
+    try:
+        return auth(session)
+    except TypeError:
+        return auth()
 
 
 @dataclass
@@ -271,3 +287,46 @@ class SenderPolicy:
             if self.domain and "@" not in user:
                 patterns.append(f"{user.lower()}@{self.domain}")
         return address in patterns or domain in patterns
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class TrustedNetworks:
+    """Client networks that may submit without AUTH (pure).
+
+    Built from CIDR strings (``"127.0.0.0/8"``, ``"::1/128"``; a bare
+    address is a /32 or /128). Host bits set are an error, as a typo like
+    ``10.0.0.1/8`` would otherwise open more than was meant.
+    """
+
+    def __init__(self, cidrs: Iterable[str | Network] = ()):
+        nets: list[Network] = []
+        for cidr in cidrs:
+            if isinstance(cidr, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+                nets.append(cidr)
+                continue
+            try:
+                nets.append(ipaddress.ip_network(str(cidr).strip(), strict=True))
+            except ValueError as exc:
+                raise ValueError(f"bad network {cidr!r}: {exc}") from None
+        self.networks: tuple[Network, ...] = tuple(nets)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def __repr__(self) -> str:
+        return f"TrustedNetworks({[str(n) for n in self.networks]!r})"
+
+    def contains(self, ip: str) -> bool:
+        """Whether the client address ``ip`` (as the socket gives it; an
+        IPv6 scope ``%eth0`` is ignored) is in a trusted network."""
+        if not self.networks or not ip:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip.partition("%")[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.networks)

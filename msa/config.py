@@ -58,6 +58,9 @@ class EdgeConfig:
     max_auth_failures: int = 3
     auth_failure_delay: float = 1.0
     max_connections: int = 2000
+    # CIDRs whose clients may send without AUTH and as any sender
+    # (Postfix's permit_mynetworks). Empty: everyone must AUTH.
+    trusted_networks: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -16,9 +16,19 @@ Decisions (the session rules are in :mod:`msa.edgesession`):
 - ``queue`` is a :class:`spool.Spool` or anything with a ``.spool``.
 - AUTH is required before MAIL unless ``require_auth=False`` is passed
   explicitly: the tutorial's first, auth-less edge would be an open relay,
-  so here it must be asked for by name.
-- ``auth_class`` may be an :class:`msa.auth.Auth` subclass (made once per
-  session with the session, as slimta does) or an instance.
+  so here it must be asked for by name. ``trusted_networks`` (CIDRs) lets
+  clients from those networks send without AUTH, as any sender (Postfix's
+  ``permit_mynetworks``); they may still AUTH, and are then checked like
+  any authenticated user.
+- ``auth_class`` may be an :class:`msa.auth.Auth` subclass (the tutorial
+  passes the class: it is made once per session, with the session as
+  slimta does, or without arguments) or an instance (shared).
+- Whom a user may send as (:class:`msa.auth.SenderPolicy`): ``senders``,
+  their login when it is an address, and ``login@sender_domain``, where
+  ``sender_domain`` defaults to the edge's hostname, as ``[server] domain``
+  does. So the tutorial's ``testuser`` may send as
+  ``testuser@<hostname>`` with no extra argument; validators may refuse
+  more, never allow what the policy refused.
 - Settings are a snapshot taken when a connection is accepted:
   :meth:`SmtpEdge.reload` changes limits, the password file and the sender
   map for new connections only, and loads a new certificate into the live
@@ -49,7 +59,7 @@ from typing import Any
 from spool import GroupSync, Spool
 
 from . import tlsconf
-from .auth import Auth, PasswdFileAuth, SenderPolicy
+from .auth import Auth, PasswdFileAuth, SenderPolicy, TrustedNetworks
 from .config import Config, ConfigError, EdgeConfig
 from .edgesession import ABORT_AFTER, SmtpSession
 
@@ -94,6 +104,7 @@ class EdgeSettings:
     validator_class: Any
     senders: SenderPolicy
     require_auth: bool
+    trusted: TrustedNetworks
     max_message_size: int
     max_recipients: int
     command_timeout: float
@@ -136,24 +147,30 @@ class SmtpEdge:
                  sender_domain: str = "", allow_login_address: bool = True,
                  require_auth: bool = True, shutdown_grace: float = 30.0,
                  stage: str = "incoming", memory_limit: int = 256 * 1024,
-                 max_header_size: int = 256 * 1024):
+                 max_header_size: int = 256 * 1024,
+                 trusted_networks: Any = (), reuse_port: bool = False):
         spool = queue if isinstance(queue, Spool) else getattr(queue, "spool", None)
         if not isinstance(spool, Spool):
             raise TypeError("queue must be a spool.Spool or have a .spool")
         ctx = tlsconf.context_from(tls)
         if tls_immediately and ctx is None:
             raise ValueError("tls_immediately needs tls")
+        hostname = hostname or _fqdn()
         if not isinstance(senders, SenderPolicy):
-            senders = SenderPolicy(senders, sender_domain, allow_login_address)
-        if require_auth and (auth_class is None or ctx is None):
+            senders = SenderPolicy(senders, sender_domain or hostname, allow_login_address)
+        trusted = (trusted_networks if isinstance(trusted_networks, TrustedNetworks)
+                   else TrustedNetworks(trusted_networks))
+        if require_auth and (auth_class is None or ctx is None) and not trusted:
             log.warning("edge on %s: AUTH required but %s: every MAIL will be refused",
                         address, "no auth_class" if auth_class is None else "no TLS")
         self.address = (address[0] or "", int(address[1]))
         self.shutdown_grace = shutdown_grace
+        self.reuse_port = reuse_port
         self.settings = EdgeSettings(
-            spool=spool, stage=stage, hostname=hostname or _fqdn(),
+            spool=spool, stage=stage, hostname=hostname,
             implicit_tls=tls_immediately, tls_context=ctx, auth=auth_class,
             validator_class=validator_class, senders=senders, require_auth=require_auth,
+            trusted=trusted,
             max_message_size=max_message_size, max_recipients=max_recipients,
             command_timeout=command_timeout, data_timeout=data_timeout,
             max_errors=max_errors, max_auth_failures=max_auth_failures,
@@ -177,7 +194,8 @@ class SmtpEdge:
         implicit = s.implicit_tls
         self._server = await loop.create_server(
             lambda: SmtpSession(self, self.settings), host=self.address[0] or None,
-            port=self.address[1], reuse_address=True,
+            port=self.address[1], reuse_address=True, reuse_port=self.reuse_port or None,
+            backlog=listen_backlog(s.max_connections),
             ssl=s.tls_context if implicit else None,
             ssl_handshake_timeout=s.command_timeout if implicit else None)
         log.info("listening on %s (%s)", self.describe(),
@@ -211,6 +229,7 @@ class SmtpEdge:
         connections (see module docstring). A bad certificate raises
         :class:`ConfigError` and changes nothing."""
         e, old = cfg.edge, self.settings
+        trusted = trusted_networks(e)
         auth = old.auth
         if isinstance(auth, PasswdFileAuth):
             auth = (auth if auth.path == cfg.auth.passwd_file
@@ -223,7 +242,7 @@ class SmtpEdge:
                 raise ConfigError(f"[edge] cannot load {e.certfile}: {exc}") from None
         self.settings = dataclasses.replace(
             old, hostname=cfg.server.hostname, auth=auth, senders=_sender_policy(cfg),
-            **_limits(e))
+            trusted=trusted, **_limits(e))
         log.info("reloaded settings for %s", self.describe())
 
     # -- what sessions call -------------------------------------------------
@@ -241,8 +260,9 @@ class SmtpEdge:
         if not self._sessions and self._drained is not None:
             self._drained.set()
 
-    async def verify(self, auth: Any, session: Any, login: str, password: str) -> str:
-        backend = _backend(auth, session)
+    async def verify(self, backend: Any, login: str, password: str) -> str:
+        """``backend.verify_secret`` (see :func:`msa.auth.auth_backend`), off the
+        event loop unless it is a coroutine function."""
         if inspect.iscoroutinefunction(backend.verify_secret):
             return await backend.verify_secret(login, password, None)
         loop = asyncio.get_running_loop()
@@ -250,10 +270,9 @@ class SmtpEdge:
                                           login, password, None)
 
     @staticmethod
-    def senders_for(auth: Any, user: str) -> list[str]:
-        if isinstance(auth, Auth):
-            return list(auth.senders_for(user))
-        return []
+    def senders_for(backend: Any, user: str) -> list[str]:
+        senders_for = getattr(backend, "senders_for", None)
+        return list(senders_for(user)) if callable(senders_for) else []
 
     # -- information ----------------------------------------------------------
 
@@ -270,15 +289,18 @@ class SmtpEdge:
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
 
-def _backend(auth: Any, session: Any) -> Any:
-    """An Auth class is made per session (with it, as slimta does, or
-    without arguments); an instance is used as it is."""
-    if not isinstance(auth, type):
-        return auth
+def listen_backlog(max_connections: int) -> int:
+    """The listen(2) backlog: room for every allowed session to connect at
+    once (a burst of clients is greeted, not left to SYN retries), capped
+    at 4096 (the kernel caps it again at net.core.somaxconn)."""
+    return max(100, min(max_connections, 4096))
+
+
+def trusted_networks(e: EdgeConfig) -> TrustedNetworks:
     try:
-        return auth(session)
-    except TypeError:
-        return auth()
+        return TrustedNetworks(e.trusted_networks)
+    except ValueError as exc:
+        raise ConfigError(f"[edge] trusted_networks: {exc}") from None
 
 
 def _fqdn() -> str:
@@ -297,10 +319,12 @@ def _sender_policy(cfg: Config) -> SenderPolicy:
     return SenderPolicy(cfg.auth.senders, cfg.domain, cfg.auth.allow_login_address)
 
 
-def edges_from_config(cfg: Config, spool: Spool) -> list[SmtpEdge]:
+def edges_from_config(cfg: Config, spool: Spool, reuse_port: bool = False) -> list[SmtpEdge]:
     """The submission (STARTTLS) and submissions (implicit TLS) listeners
     of ``[edge]``, one :class:`SmtpEdge` per address; they share the TLS
-    context, the password file and the incoming/ group commit."""
+    context, the password file and the incoming/ group commit. With
+    ``reuse_port`` several processes may each run these edges on the same
+    addresses (SO_REUSEPORT: the kernel spreads connections over them)."""
     e = cfg.edge
     if not (e.submission or e.submissions):
         return []
@@ -311,7 +335,8 @@ def edges_from_config(cfg: Config, spool: Spool) -> list[SmtpEdge]:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"[edge] cannot load {e.certfile}: {exc}") from None
     common = dict(tls=ctx, auth_class=PasswdFileAuth(cfg.auth.passwd_file),
-                  hostname=cfg.server.hostname, senders=_sender_policy(cfg), **_limits(e))
+                  hostname=cfg.server.hostname, senders=_sender_policy(cfg),
+                  trusted_networks=trusted_networks(e), reuse_port=reuse_port, **_limits(e))
     edges = [SmtpEdge(parse_listen(a), spool, **common) for a in e.submission]
     edges += [SmtpEdge(parse_listen(a), spool, tls_immediately=True, **common)
               for a in e.submissions]

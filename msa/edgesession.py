@@ -40,7 +40,7 @@ from spool import SpoolError, new_id
 
 from . import queuefile, smtpcmd, smtpdata, tlsconf
 from .edgestore import BodySink, spool_reply, store_message
-from .auth import CredentialsInvalidError
+from .auth import CredentialsInvalidError, auth_backend
 from .errors import MsaError
 from .validators import Reply, SmtpValidators, enhance
 
@@ -63,6 +63,7 @@ class EdgeSession(_AioSession):
         self.auth_method = ""
         self.tls = ""                            # "TLSv1.3 TLS_AES_..." or ""
         self.senders: list[str] = []             # extra owned addresses
+        self.trusted = False                     # client in [edge] trusted_networks
 
     @property
     def address(self) -> tuple:
@@ -132,6 +133,7 @@ class SmtpSession(SMTP):
             self._refused = not self.edge._register(self)
             self._registered = not self._refused
         self.session.tls = tlsconf.describe(self.transport.get_extra_info("ssl_object"))
+        self.session.trusted = self.settings.trusted.contains(self.session.client_ip)
         cls = self.settings.validator_class or SmtpValidators
         self.validators = cls(self.session)
 
@@ -318,7 +320,8 @@ class SmtpSession(SMTP):
         return False
 
     async def _need_auth(self) -> bool:
-        if self.settings.require_auth and not self.session.auth_result:
+        s = self.session
+        if self.settings.require_auth and not (s.auth_result or s.trusted):
             await self.push("530 5.7.0 Authentication required")
             return True
         return False
@@ -405,7 +408,8 @@ class SmtpSession(SMTP):
         s = self.session
         self._arm(FOREVER)
         try:
-            user = await self.edge.verify(self.settings.auth, s, login.decode("utf-8"),
+            backend = auth_backend(self.settings.auth, s)
+            user = await self.edge.verify(backend, login.decode("utf-8"),
                                           password.decode("utf-8"))
         except (CredentialsInvalidError, UnicodeDecodeError):
             user = None
@@ -430,7 +434,7 @@ class SmtpSession(SMTP):
         await self._hook("auth", reply, user)
         if reply.code.startswith("2"):
             s.auth_result, s.auth_method, s.authenticated = user, mechanism, True
-            s.senders = self.edge.senders_for(self.settings.auth, user)
+            s.senders = self.edge.senders_for(backend, user)
             log.info("%s: sasl_method=%s, sasl_username=%s", self._client(), mechanism, user)
         await self.push(reply.line())
 
