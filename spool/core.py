@@ -9,7 +9,8 @@ Layout under the root (every directory is created by :class:`Spool`)::
     deferred/<N>/   messages waiting for attempt N+1; file mtime = due time
     hold/           held by the administrator; never due, never expires
     corrupt/        files that could not be parsed; kept for a human
-    claims/         ``<id>.lock`` files locked with ``filelock`` (flock)
+    claims/         ``<id>.lock`` files locked with ``flock(2)`` (exclusive,
+                    non-blocking; the same lock ``filelock`` takes)
 
 Invariants (qmail INTERNALS style; each is relied on by crash recovery):
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import itertools
 import logging
 import os
@@ -44,7 +46,6 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
-import filelock
 
 log = logging.getLogger("spool")
 
@@ -198,6 +199,53 @@ class Writer:
             self.abort()
 
 
+class FlockFile:
+    """An exclusive, non-blocking ``flock(2)`` on a lock file: what
+    ``filelock.FileLock(path, timeout=0)`` does on Linux (and compatible
+    with it), without its per-call directory creation and bookkeeping,
+    which cost more than the rest of a claim. The kernel drops the lock
+    when the holder's descriptor is closed, or the holder dies."""
+
+    __slots__ = ("lock_file", "fd")
+
+    def __init__(self, lock_file: str):
+        self.lock_file = lock_file
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        """True when locked; False when another open file holds it."""
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.lock_file, flags | os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:  # another user's lock file: flock needs no write access
+            fd = os.open(self.lock_file, flags | os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return True
+
+    def holds_current(self) -> bool:
+        """A holder that finished may have unlinked the lock file after we
+        opened it: a lock on an unlinked inode is no claim."""
+        try:
+            st = os.fstat(self.fd)
+            cur = os.stat(self.lock_file, follow_symlinks=False)
+        except (FileNotFoundError, TypeError):
+            return False
+        return (st.st_ino, st.st_dev) == (cur.st_ino, cur.st_dev)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+
 class Claim:
     """Exclusive right to work on one id, held until :meth:`release`.
 
@@ -205,7 +253,7 @@ class Claim:
     """
 
     def __init__(self, spool: "Spool", stage: str, qid: str,
-                 lock: filelock.BaseFileLock):
+                 lock: FlockFile):
         self.spool, self.stage, self.qid, self._lock = spool, stage, qid, lock
 
     @property
@@ -222,14 +270,27 @@ class Claim:
         return Writer(self.spool, self.stage, self.qid, mode, replace=True)
 
     def move(self, to_stage: str, mtime: float | None = None,
-             release: bool = True) -> None:
-        """Rename into ``to_stage``; set the mtime first when given."""
+             release: bool = True, sync_dirs: bool = True) -> None:
+        """Rename into ``to_stage``; set the mtime first when given.
+
+        With ``sync_dirs=False`` the caller must make the destination
+        directory durable (:meth:`Spool.sync_stage` or a group sync) before
+        relying on the move; the rename is atomic, so a crash before that
+        leaves the file in one of the two stages, never in neither."""
         src = self.path
         dest = self.spool.path(to_stage, self.qid)
-        dest.parent.mkdir(parents=True, exist_ok=True)
         if mtime is not None:
             os.utime(src, (mtime, mtime))
-        os.rename(src, dest)
+        try:
+            os.rename(src, dest)
+        except FileNotFoundError:
+            # Only a stage made on demand (deferred/<N>/) can be missing:
+            # create it on failure rather than trying mkdir every move.
+            if not os.path.lexists(src) or dest.parent.is_dir():
+                raise
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fsync_dir(dest.parent.parent)  # the new directory's own entry
+            os.rename(src, dest)
         self.stage = to_stage
         # The work on the file is done once it is renamed: release before
         # the directory fsyncs, so the next stage's worker (woken by the
@@ -237,18 +298,22 @@ class Claim:
         # this returns, so the caller's acknowledgement stays durable.
         if release:
             self.release()
-        fsync_dir(dest.parent)
-        fsync_dir(src.parent)
+        if sync_dirs:
+            fsync_dir(dest.parent)
+            fsync_dir(src.parent)
 
     def defer(self, due: float, attempt: int) -> None:
         """Move to ``deferred/<attempt>/`` with mtime = due time."""
         self.move(f"deferred/{attempt}", mtime=due)
 
-    def done(self) -> None:
-        """The work is finished: remove the file."""
+    def done(self, sync_dir: bool = True) -> None:
+        """The work is finished: remove the file. ``sync_dir=False`` leaves
+        the removal to the filesystem's next commit: after a power loss the
+        file may come back (a duplicate, never a loss)."""
         path = self.path
         os.unlink(path)
-        fsync_dir(path.parent)
+        if sync_dir:
+            fsync_dir(path.parent)
         self.release()
 
     def quarantine(self, reason: str) -> None:
@@ -354,15 +419,10 @@ class Spool:
         holds it or it is no longer there."""
         if not valid_name(qid):
             return None
-        lock = filelock.FileLock(str(self.root / "claims" / f"{qid}.lock"),
-                                 timeout=0, thread_local=False)
-        try:
-            lock.acquire()
-        except filelock.Timeout:
+        lock = FlockFile(f"{self.root}/claims/{qid}.lock")
+        if not lock.acquire():
             return None
-        # A holder that finished may have unlinked the lock file after we
-        # opened it: a lock on an unlinked inode is no claim.
-        if not _holds_current(lock):
+        if not lock.holds_current():
             lock.release()
             return None
         # The file may have moved on between listing and locking; drop the
@@ -418,28 +478,20 @@ class Spool:
                 except FileNotFoundError:
                     pass
         for name in list(self.names("claims")):
-            lock = filelock.FileLock(str(self.root / "claims" / name), timeout=0,
-                                     thread_local=False)
+            lock = FlockFile(str(self.root / "claims" / name))
             try:
-                lock.acquire()
-            except filelock.Timeout:
+                if not lock.acquire():
+                    continue
+            except OSError:  # not ours to open (another user's), or gone
                 continue
             try:
-                if _holds_current(lock):
+                if lock.holds_current():
                     os.unlink(self.root / "claims" / name)
                 removed_claims += 1
             except FileNotFoundError:
                 pass
             lock.release()
         return {"tmp": removed_tmp, "claims": removed_claims}
-
-
-def _holds_current(lock: filelock.BaseFileLock) -> bool:
-    fd = lock._context.lock_file_fd
-    try:
-        return fd is not None and os.fstat(fd).st_ino == os.stat(lock.lock_file).st_ino
-    except FileNotFoundError:
-        return False
 
 
 def _tmp_pid(name: str) -> int | None:

@@ -1,4 +1,5 @@
-"""Group commit of directory fsyncs for concurrent writers (asyncio).
+"""Group commit of directory fsyncs for concurrent writers (asyncio tasks:
+:class:`GroupSync`; threads: :class:`ThreadGroupSync`).
 
 Each writer fsyncs its own file and renames it into the stage itself; the
 fsync of the *directory* that makes the rename durable is shared: a caller
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 
 from .core import fsync_dir
 
@@ -48,4 +50,45 @@ class GroupSync:
                     self._completed = gen
                 finally:
                     self._running = False
+                    self._cond.notify_all()
+
+
+class ThreadGroupSync:
+    """:class:`GroupSync` for threads: the same rule (a caller returns only
+    after a directory fsync that started after it called has completed),
+    for workers that run in a thread pool instead of on an event loop.
+
+    A failed fsync raises in the thread that ran it; the others waiting
+    on it are not released by it, one of them runs the next fsync.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+        self._cond = threading.Condition()
+        self._started = 0
+        self._completed = 0
+        self._running = False
+        self.fsyncs = 0
+
+    def sync(self) -> None:
+        with self._cond:
+            target = self._started + 1
+            while self._completed < target:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                gen = self._started
+                ok = False
+                self._cond.release()
+                try:
+                    fsync_dir(self.path)
+                    ok = True
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    if ok:
+                        self.fsyncs += 1
+                        self._completed = gen
                     self._cond.notify_all()

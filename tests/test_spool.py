@@ -11,12 +11,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 
 from spool import DueIndex, GroupSync, Spool, StageWatcher, id_time, new_id
 from spool.core import _tmp_pid
+from spool.group import ThreadGroupSync
 from tests.support import ROOT, wait_for
 
 STAGES = ["maildrop", "incoming", "active"]
@@ -268,6 +270,53 @@ def test_group_sync_shares_fsyncs(spool_root):
     asyncio.run(main())
     assert 1 <= gs.fsyncs < 50
     assert len(list(sp.names("incoming"))) == 50
+
+
+def test_thread_group_sync_shares_fsyncs(spool_root):
+    sp = Spool(spool_root, STAGES)
+    gs = ThreadGroupSync(spool_root / "active")
+    start = threading.Barrier(20)
+
+    def one():
+        start.wait()
+        for _ in range(5):
+            with sp.writer("active") as w:
+                w.write(b"x" * 100)
+                w.commit(sync_dir=False)
+            gs.sync()
+
+    threads = [threading.Thread(target=one) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert 1 <= gs.fsyncs < 100
+    assert len(list(sp.names("active"))) == 100
+
+
+def test_thread_group_sync_failure_raises_and_next_caller_retries(tmp_path):
+    gs = ThreadGroupSync(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError):
+        gs.sync()
+    (tmp_path / "missing").mkdir()
+    gs.sync()
+    assert gs.fsyncs == 1
+
+
+def test_move_creates_a_missing_stage_only_when_needed(spool_root):
+    sp = Spool(spool_root, STAGES)
+    qid = sp.deposit("incoming", b"x")
+    sp.claim("incoming", qid).move("deferred/7")
+    assert os.path.exists(sp.path("deferred/7", qid))
+    sp.claim("deferred/7", qid).move("active", sync_dirs=False)
+    assert os.path.exists(sp.path("active", qid))
+    claim = sp.claim("active", qid)
+    os.unlink(sp.path("active", qid))
+    with pytest.raises(FileNotFoundError):
+        claim.move("deferred/8")  # the source is gone: no directory is made for it
+    claim.release()
+    assert not (spool_root / "deferred" / "8").exists()
 
 
 RESCAN_MEMORY = textwrap.dedent("""
