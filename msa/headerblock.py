@@ -83,6 +83,9 @@ class HeaderBlock:
                 fields.append(line)
         return cls(fields, missing_separator)
 
+    def copy(self) -> "HeaderBlock":
+        return HeaderBlock(list(self.fields), self.missing_separator)
+
     # -- queries ----------------------------------------------------------
 
     def has(self, name: str) -> bool:

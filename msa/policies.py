@@ -1,6 +1,7 @@
-"""Queue policies: small classes run once per message by the watcher, each
-in its policy stage (python-slimta's ``QueuePolicy``, with the result
-stored in the spool so it is never run twice).
+"""Queue policies: small classes run once per message by the watcher
+(python-slimta's ``QueuePolicy``, with the names of those applied stored
+in the queue file so none is run twice). :func:`run_stages` runs every
+stage of the pipeline on one message in memory.
 
 A policy has a ``name`` (recorded in ``Envelope.policies`` once applied,
 so a rerun after a crash skips it) and ``apply(envelope, headers)`` that
@@ -204,6 +205,53 @@ class RecipientDomainSplit(Policy):
             part.queue_id = f"{env.queue_id}-{i}"
             parts.append(part)
         return parts
+
+
+# -- running a pipeline ---------------------------------------------------
+
+def run_stages(env: Envelope, headers: HeaderBlock, stages: list[list[Policy]]
+               ) -> tuple[list[tuple[Envelope, HeaderBlock]], bool]:
+    """Apply the policies of every stage, in order, to one message in
+    memory (pure). Returns the resulting messages, and whether any policy
+    changed anything (when not, the file can move on as it is).
+
+    The result is what passing the stages one at a time gives: a stage
+    runs the policies not yet recorded in ``Policies:`` when it starts, and
+    records them when they changed something. A split ends its stage; each
+    part (named ``<qid>-1``...) records the stage's policies and goes on
+    through the later stages with its own copy of the headers.
+    """
+    out: list[tuple[Envelope, HeaderBlock]] = []
+    changed = _run_stages(env, headers, stages, out)
+    return out, changed
+
+
+def _run_stages(env: Envelope, headers: HeaderBlock, stages: list[list[Policy]],
+                out: list[tuple[Envelope, HeaderBlock]]) -> bool:
+    changed = False
+    for i, pols in enumerate(stages):
+        done = applied(env)
+        todo = [p for p in pols if p.name not in done]
+        if not todo:
+            continue
+        fields, envelope = list(headers.fields), env.to_bytes()
+        parts = None
+        for p in todo:
+            parts = p.apply(env, headers)
+            if parts:
+                break
+        if parts:
+            for part in parts:
+                for p in todo:
+                    mark_applied(part, p.name)
+                _run_stages(part, headers.copy(), stages[i + 1:], out)
+            return True
+        if headers.fields != fields or env.to_bytes() != envelope:
+            for p in todo:
+                mark_applied(env, p.name)
+            changed = True
+    out.append((env, headers))
+    return changed
 
 
 # -- configuration --------------------------------------------------------

@@ -1,31 +1,49 @@
-"""The watcher: moves messages from the inputs through the policy stages
-to ``active/``.
+"""The watcher: carries messages from the inputs through every policy
+stage to ``active/`` in one pass.
 
-Paths a message takes (each arrow is one durable rename or one atomic
-replace; a crash between two arrows leaves the message whole in one stage,
-and the watcher resumes it from there at its next start)::
+Paths a message takes (each arrow is one durable rename; a crash between
+two arrows leaves the message whole in at least one stage, and the watcher
+resumes it from there at its next start)::
 
-    maildrop/X ──validate, copy──> incoming/Q ──move──> policy-<1>/Q
-    policy-<n>/Q ──apply n's policies, replace in place──> policy-<n>/Q
-                 ──move──> policy-<n+1>/Q ... ──move──> active/Q
+    maildrop/X ──validate, copy──> incoming/Q
+    incoming/Q ──read once, apply the policies of every stage in memory,
+                 write once──> active/Q, then incoming/Q is removed
+    incoming/Q ──split──> active/Q-1, active/Q-2 ..., then incoming/Q is removed
+
+The ``policy-<name>/`` directories stay stages: a file found in one (put
+there by an administrator, or left by an older version) gets the policies
+of that stage and of the later ones, the same way. A message no longer
+stops in each of them.
 
 Invariants:
 
 - All work on a message is done under its claim; a file another process
   claims, or that is gone, is skipped (it will be seen again if needed).
+  Names being carried by this process are skipped too (a rescan may list
+  a source whose replacement is already in ``active/``).
 - ``maildrop/`` is untrusted (:mod:`msa.maildrop`): the copy in
   ``incoming/`` gets a fresh queue id (a user chooses maildrop names), is
   committed before the maildrop file is removed (a crash in between gives
   a duplicate, never a loss: RFC 5321 §6.1 allows duplicates).
 - Policies edit the header section only (at most ``max_header_bytes``,
   else the file goes to ``corrupt/``); the body is streamed in 64 KiB
-  chunks, never held in memory.
-- A stage's policies are recorded in ``Policies:`` in the same replace
-  that applies them, so a rerun never applies one twice.
-- A split writes ``<qid>-1``, ``<qid>-2``... into the next stage, each
-  committed (fsynced, renamed, directory fsynced) before the original is
-  removed; a rerun keeps parts that already exist (they were committed
-  whole) and writes the missing ones, so no recipient is lost.
+  chunks, never held in memory (the first 64 KiB of the file are read
+  with the envelope and headers, and reused).
+- The result is what passing the stages one at a time gives
+  (:func:`msa.policies.run_stages`); the applied policies are recorded in
+  ``Policies:``, and the source is never rewritten, so a rerun applies
+  each policy exactly once to the original and writes the same bytes.
+- A source is removed only after its replacement is durable: the new file
+  was fsynced, renamed into ``active/``, and a fsync of ``active/`` that
+  started after the rename completed (shared by concurrent workers,
+  :class:`spool.group.ThreadGroupSync`). A rerun that finds ``active/Q``
+  already there (a crash before the source was removed) only removes the
+  source. The removal itself is not fsynced: after a power loss the source
+  may come back, which gives a duplicate, never a loss.
+- A split writes ``<qid>-1``, ``<qid>-2``... into ``active/``; the original
+  is removed only after all of them are durable; a rerun keeps parts that
+  already exist (they were committed whole) and writes the missing ones,
+  so no recipient is lost.
 - Memory does not grow with the backlog: the rescan is streamed through a
   bounded queue; the kernel's inotify queue overflowing triggers a rescan.
 """
@@ -34,18 +52,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import io
 import logging
 import os
 import signal
+import threading
 import time
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 import spool as spoollib
 from spool import Claim, Spool, StageWatcher
+from spool.group import ThreadGroupSync
 
 from . import maildrop, policies, queuefile
 from .config import ACTIVE, Config, ConfigError
-from .headerblock import CONTINUATION, END_BODY, END_EMPTY, HeaderBlock, line_kind
+from .headerblock import END_BODY, END_EMPTY, HeaderBlock, line_kind
 from .policies import Policy
 from .queuefile import Envelope, QueueFileError
 
@@ -54,6 +75,10 @@ log = logging.getLogger("msa.watcher")
 # Test hook: after this many split parts are committed, the process kills
 # itself with SIGKILL (crash-consistency tests). Unset in production.
 CRASH_AFTER_PARTS_ENV = "MSA_TEST_CRASH_AFTER_PARTS"
+
+# The first read of a queue file: envelope, headers and (for most
+# messages) the whole body in one read(2).
+HEAD_READ = 65536
 
 
 class HeaderTooBig(Exception):
@@ -79,20 +104,61 @@ def read_headers(f: BinaryIO, offset: int, cap: int) -> tuple[HeaderBlock, int]:
             raise HeaderTooBig(f"header section larger than {cap} bytes")
 
 
-def write_message(writer: spoollib.Writer, env: Envelope, headers: bytes,
-                  f: BinaryIO, body_offset: int) -> str:
-    """Write envelope + headers + the body streamed from ``f``; commit."""
-    body_len = os.fstat(f.fileno()).st_size - body_offset
-    env.size = str(len(headers) + body_len)
-    writer.write(env.to_bytes())
-    writer.write(headers)
-    for chunk in queuefile.iter_message(f, body_offset):
+class Head:
+    """What one read of a queue file gives: its envelope, its header
+    section, where the body starts, and the bytes read so far (a prefix of
+    the file, reused when the message is written again)."""
+
+    def __init__(self, f: BinaryIO, cap: int):
+        self.f = f
+        self.file_size = os.fstat(f.fileno()).st_size
+        self.data = f.read(HEAD_READ)
+        end = self.data.find(b"\n\n")
+        if end >= 0 and self.data.startswith(queuefile.MAGIC):
+            self.env, self.offset = queuefile.parse_envelope(self.data[:end + 1]), end + 2
+        else:  # envelope beyond the first read, or malformed: the careful reader says why
+            f.seek(0)
+            self.env, self.offset = queuefile.read_envelope(f)
+        self._check_size()
+        self.headers, self.body_offset = self._read_headers(cap)
+
+    def _check_size(self) -> None:
+        if not self.env.size.isdigit():
+            raise QueueFileError("no valid Size line")
+        actual = self.file_size - self.offset
+        if actual != int(self.env.size):
+            raise QueueFileError(f"message is {actual} bytes, Size says {self.env.size}")
+
+    def _read_headers(self, cap: int) -> tuple[HeaderBlock, int]:
+        """From the bytes already read when the section ends in them (its
+        ending line is whole there), else from the file."""
+        whole = len(self.data) == self.file_size
+        if self.offset < len(self.data):
+            mem = io.BytesIO(self.data)
+            headers, pos = read_headers(mem, self.offset, cap)
+            if whole or self.data.find(b"\n", pos) >= 0:
+                return headers, pos
+        return read_headers(self.f, self.offset, cap)
+
+    def body(self) -> Iterator[bytes]:
+        """The body (from its separator line), in chunks."""
+        if self.body_offset < len(self.data):
+            yield self.data[self.body_offset:]
+        if len(self.data) < self.file_size:
+            yield from queuefile.iter_message(self.f, max(len(self.data), self.body_offset))
+
+    def body_size(self) -> int:
+        return self.file_size - self.body_offset
+
+
+def write_message(writer: spoollib.Writer, env: Envelope, headers: bytes, head: Head,
+                  sync_dir: bool = True) -> str:
+    """Write envelope + headers + the body of ``head``; commit."""
+    env.size = str(len(headers) + head.body_size())
+    writer.write(env.to_bytes() + headers)
+    for chunk in head.body():
         writer.write(chunk)
-    return writer.commit()
-
-
-class Stop(Exception):
-    """The message left the pipeline here (quarantined, split, gone)."""
+    return writer.commit(sync_dir=sync_dir)
 
 
 class Watcher:
@@ -107,12 +173,16 @@ class Watcher:
                  workers: int | None = None):
         self.cfg, self.spool = cfg, spool
         self.pipeline = policies.pipeline(cfg) if pipeline is None else list(pipeline)
-        order = ["incoming", *(stage for stage, _ in self.pipeline), ACTIVE]
-        self.next_stage = dict(zip(order, order[1:]))
-        self.stage_policies = dict(self.pipeline)
+        # Where a file found in a stage starts in the pipeline.
+        self.start_at = {"incoming": 0}
+        for i, (stage, _) in enumerate(self.pipeline):
+            self.start_at[stage] = i
         self.max_header = cfg.policies.max_header_bytes
         self.workers = workers or cfg.policies.workers
         self.rescan_interval = cfg.policies.rescan_interval
+        self.active_sync = ThreadGroupSync(spool.root / ACTIVE)
+        self._busy: set[str] = set()
+        self._busy_lock = threading.Lock()
         self._stopping = False
         self._wake: asyncio.Event | None = None
         self._crash_after = int(os.environ.get(CRASH_AFTER_PARTS_ENV, "0") or 0)
@@ -123,93 +193,96 @@ class Watcher:
         next messages; the stage directories cannot change while running."""
         if cfg.policies.stages != self.cfg.policies.stages:
             raise ConfigError("[policies] stages cannot change without a restart")
-        pipeline = policies.pipeline(cfg)
-        self.cfg, self.pipeline, self.stage_policies = cfg, pipeline, dict(pipeline)
+        self.cfg, self.pipeline = cfg, policies.pipeline(cfg)
 
     def watched_stages(self) -> list[str]:
-        return ["maildrop", *self.next_stage]
+        return ["maildrop", *self.start_at]
 
     # -- one message ------------------------------------------------------
 
     def process(self, stage: str, name: str) -> str | None:
-        """Carry one file as far as it goes; returns the stage it ended in
+        """Carry one file as far as it goes; returns where it ended
         (``active``), ``corrupt``, ``split``, or None when skipped."""
         if stage == "maildrop":
             qid = self._pickup(name)
             if qid is None:
                 return None
             stage, name = "incoming", qid
-        if stage not in self.next_stage or not os.path.lexists(self.spool.path(stage, name)):
-            return None  # most events name a file this process already moved on
-        claim = self.spool.claim(stage, name)
-        if claim is None:
+        if stage not in self.start_at:
+            return None
+        with self._busy_lock:
+            if name in self._busy:
+                return None  # this process is carrying it already
+            self._busy.add(name)
+        try:
+            claim = self.spool.claim(stage, name)
+            if claim is None:
+                return None  # most events name a file already moved on
+            return self._carry(claim)
+        finally:
+            with self._busy_lock:
+                self._busy.discard(name)
+
+    def _carry(self, claim: Claim) -> str | None:
+        try:
+            f = claim.open()
+        except FileNotFoundError:
+            claim.release()
             return None
         try:
-            while claim.stage != ACTIVE:
-                self._step(claim)
-            log.info("%s: policies done, queued in active/", claim.qid)
-            return ACTIVE
-        except Stop as stop:
-            return str(stop)
+            with f:
+                try:
+                    head = Head(f, self.max_header)
+                except (QueueFileError, HeaderTooBig) as exc:
+                    claim.quarantine(str(exc))
+                    return "corrupt"
+                stages = [pols for _, pols in self.pipeline[self.start_at[claim.stage]:]]
+                results, changed = policies.run_stages(head.env, head.headers, stages)
+                if len(results) > 1:
+                    self._commit_parts(claim, results, head)
+                    return "split"
+                self._commit_one(claim, results[0], head, changed)
+                return ACTIVE
         finally:
             claim.release()
 
-    def _step(self, claim: Claim) -> None:
-        nxt = self.next_stage[claim.stage]
-        pols = self.stage_policies.get(claim.stage, [])
-        if pols:
-            try:
-                with claim.open() as f:
-                    self._apply(claim, pols, f, nxt)
-            except FileNotFoundError:
-                raise Stop("gone") from None
-        claim.move(nxt, release=False)
+    def _commit_one(self, claim: Claim, result: tuple[Envelope, HeaderBlock], head: Head,
+                    changed: bool) -> None:
+        """Put the message into active/ and remove the source once that is
+        durable. The claim is released right after the rename, so the
+        runner (woken by it) can take the message at once."""
+        source, origin = claim.path, claim.stage
+        if os.path.lexists(self.spool.path(ACTIVE, claim.qid)):
+            log.info("%s: already in active/ (a run stopped before removing %s/%s)",
+                     claim.qid, claim.stage, claim.qid)
+        elif changed:
+            env, headers = result
+            with self.spool.writer(ACTIVE, qid=claim.qid) as w:
+                write_message(w, env, headers.to_bytes(), head, sync_dir=False)
+        else:
+            claim.move(ACTIVE, release=False, sync_dirs=False)
+            source = None
+        claim.release()
+        self.active_sync.sync()
+        if source is not None:
+            _unlink(source)
+        log.info("%s: policies done, queued in active/ (from %s/)", claim.qid, origin)
 
-    def _apply(self, claim: Claim, pols: list[Policy], f: BinaryIO, nxt: str) -> None:
-        try:
-            env, offset = queuefile.read_envelope(f)
-            queuefile.check_size(f, env, offset)
-            todo = [p for p in pols if p.name not in policies.applied(env)]
-            if not todo:
-                return
-            headers, body_offset = read_headers(f, offset, self.max_header)
-        except (QueueFileError, HeaderTooBig) as exc:
-            claim.quarantine(str(exc))
-            raise Stop("corrupt") from None
-        before = (headers.to_bytes(), env.to_bytes())
-        parts = None
-        for p in todo:
-            parts = p.apply(env, headers)
-            if parts:
-                break
-        new_headers = headers.to_bytes()
-        if parts:
-            self._commit_parts(claim, parts, todo, new_headers, f, body_offset, nxt)
-            raise Stop("split")
-        if (new_headers, env.to_bytes()) == before:
-            return  # nothing changed: a rerun would change nothing either
-        for p in todo:
-            policies.mark_applied(env, p.name)
-        with claim.rewriter() as w:
-            write_message(w, env, new_headers, f, body_offset)
-        log.info("%s: applied %s in %s", claim.qid, ",".join(p.name for p in todo), claim.stage)
-
-    def _commit_parts(self, claim: Claim, parts: list[Envelope], done: list[Policy],
-                      headers: bytes, f: BinaryIO, body_offset: int, nxt: str) -> None:
-        for part in parts:
-            for p in done:
-                policies.mark_applied(part, p.name)
-            if os.path.lexists(self.spool.path(nxt, part.queue_id)):
+    def _commit_parts(self, claim: Claim, parts: list[tuple[Envelope, HeaderBlock]],
+                      head: Head) -> None:
+        for env, headers in parts:
+            if os.path.lexists(self.spool.path(ACTIVE, env.queue_id)):
                 continue  # committed whole by a run that crashed
-            with self.spool.writer(nxt, qid=part.queue_id) as w:
-                write_message(w, part, headers, f, body_offset)
-            log.info("%s: split part %s to=%s", claim.qid, part.queue_id,
-                     ",".join(f"<{r.address}>" for r in part.recipients))
+            with self.spool.writer(ACTIVE, qid=env.queue_id) as w:
+                write_message(w, env, headers.to_bytes(), head, sync_dir=False)
+            log.info("%s: split part %s to=%s", claim.qid, env.queue_id,
+                     ",".join(f"<{r.address}>" for r in env.recipients))
             self._parts_committed += 1
             if self._crash_after and self._parts_committed >= self._crash_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-        claim.done()
-        log.info("%s: split into %d messages", claim.qid, len(parts))
+        self.active_sync.sync()
+        claim.done(sync_dir=False)
+        log.info("%s: split into %d messages, queued in active/", claim.qid, len(parts))
 
     # -- maildrop ---------------------------------------------------------
 
@@ -351,3 +424,10 @@ class Watcher:
         self._stopping = True
         if self._wake is not None:
             self._wake.set()
+
+
+def _unlink(path: os.PathLike) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -7,10 +7,12 @@ import threading
 
 import pytest
 
+import msa.watcher
 import spool.core
-from msa import queuefile
+from msa import policies, queuefile
 from msa.store import open_spool
 from msa.watcher import Watcher
+from spool import StageWatcher
 from tests import support
 from tests.daemon_support import MESSAGE, deposit, load_all, make_cfg, smtp_file
 
@@ -61,23 +63,96 @@ def test_single_domain_is_not_split_and_forward_rewrites(tmp_path):
     assert env.recipients[0].orcpt == "rfc822;bob@one.test"
 
 
-def test_rerun_after_crash_between_rewrite_and_move_applies_nothing_twice(cfg, sp, monkeypatch):
+def test_one_pass_no_message_stops_in_a_policy_stage(cfg, sp):
+    policy_stages = [s for s in sp.stages if s.startswith("policy-")]
+    sw = StageWatcher(sp, policy_stages)
+    try:
+        assert list(sw.rescan()) == []
+        sw.need_rescan = False
+        qids = [deposit(sp, "incoming", smtp_file(rcpts, MESSAGE))
+                for rcpts in (["bob@one.test"], THREE)]
+        assert Watcher(cfg, sp).drain() == 2
+        assert sw.read(timeout_ms=0) == []  # nothing was renamed into a policy stage
+    finally:
+        sw.close()
+    assert sorted(sp.names("active")) == sorted([qids[0], *(f"{qids[1]}-{i}" for i in (1, 2, 3))])
+    assert list(sp.names("incoming")) == [] and list(sp.names("tmp")) == []
+
+
+def test_rerun_after_crash_before_the_source_is_removed_applies_nothing_twice(
+        cfg, sp, monkeypatch):
     qid = deposit(sp, "incoming", smtp_file(["bob@one.test"], MESSAGE))
-    real_move = spool.core.Claim.move
+    original = sp.path("incoming", qid).read_bytes()
 
-    def crash_leaving_headers(self, to_stage, *a, **kw):
-        if self.stage == "policy-headers":
-            raise RuntimeError("simulated crash after the rewrite")
-        return real_move(self, to_stage, *a, **kw)
+    def crash(path):
+        raise RuntimeError("simulated crash after the commit to active/")
 
-    monkeypatch.setattr(spool.core.Claim, "move", crash_leaving_headers)
+    monkeypatch.setattr(msa.watcher, "_unlink", crash)
     Watcher(cfg, sp).drain()
-    env, message = load_all(sp, "policy-headers")[qid]
-    assert env.policies and message.count(b"Received:") == 1
-    monkeypatch.setattr(spool.core.Claim, "move", real_move)
+    assert sp.path("incoming", qid).read_bytes() == original  # the source is never rewritten
+    first = sp.path("active", qid).read_bytes()
+    assert first.count(b"Received:") == 1
+    monkeypatch.undo()
     Watcher(cfg, sp).drain()
+    assert list(sp.names("incoming")) == []
     env, message = load_all(sp, "active")[qid]
     assert message.count(b"Received:") == 1 and message.count(b"Message-ID:") == 1
+    assert sp.path("active", qid).read_bytes() == first
+
+
+def _as_left_in(stage_policies, data: bytes) -> bytes:
+    """A queue file as a per-stage watcher left it after applying (and
+    recording) ``stage_policies`` and before moving it on."""
+    import tempfile
+    from msa.watcher import Head
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.seek(0)
+        head = Head(f, 1 << 20)
+        (env, headers), = policies.run_stages(head.env, head.headers, [stage_policies])[0]
+        body = b"".join(head.body())
+    env.size = str(len(headers.to_bytes()) + len(body))
+    return env.to_bytes() + headers.to_bytes() + body
+
+
+def test_file_found_in_a_policy_stage_gets_that_stage_and_the_later_ones_once(cfg, sp):
+    pipe = dict(policies.pipeline(cfg))
+    data = smtp_file(["bob@one.test"], MESSAGE)
+    qid = spool.core.new_id()
+    left = _as_left_in(pipe["policy-headers"], data.replace(
+        b"\nSender:", f"\nQueue-ID: {qid}\nSender:".encode(), 1))
+    assert left.count(b"Received:") == 1 and b"Policies: received," in left
+    sp.deposit("policy-headers", left, qid=qid)
+    split_me = deposit(sp, "policy-split", smtp_file(THREE, MESSAGE))
+    assert Watcher(cfg, sp).drain() == 2
+    env, message = load_all(sp, "active")[qid]
+    assert message.count(b"Received:") == 1 and message.count(b"Message-ID:") == 1
+    assert env.policies.split(",") == ["received", "date", "message-id", "remove-bcc"]
+    active = load_all(sp, "active")
+    parts = [f"{split_me}-{i}" for i in (1, 2, 3)]
+    for name in parts:  # only the split stage ran: no header policy
+        env, message = active[name]
+        assert env.policies == "split" and b"Received:" not in message
+        assert message.endswith(MESSAGE)
+    assert sorted(active) == sorted([qid, *parts])
+    for stage in ("incoming", "policy-headers", "policy-forward", "policy-split", "corrupt"):
+        assert list(sp.names(stage)) == []
+
+
+def test_split_before_header_policies_gives_each_part_its_own_headers(tmp_path):
+    cfg = make_cfg(tmp_path, stages=["split", "headers"])
+    sp = open_spool(cfg)
+    qid = deposit(sp, "incoming", smtp_file(["bob@one.test", "carol@two.test"], MESSAGE))
+    Watcher(cfg, sp).drain()
+    active = load_all(sp, "active")
+    assert sorted(active) == [f"{qid}-1", f"{qid}-2"]
+    for name, rcpt in ((f"{qid}-1", "bob@one.test"), (f"{qid}-2", "carol@two.test")):
+        env, message = active[name]
+        assert env.policies.split(",") == ["split", "received", "date", "message-id",
+                                           "remove-bcc"]
+        assert f"for <{rcpt}>;".encode() in message  # one recipient each: named
+        assert f"Message-ID: <{name}@msa.test>".encode() in message
+        assert message.count(b"Received:") == 1
 
 
 def test_corrupt_and_oversized_headers_are_quarantined(tmp_path, caplog):
@@ -93,7 +168,7 @@ def test_corrupt_and_oversized_headers_are_quarantined(tmp_path, caplog):
         Watcher(cfg, sp).drain()
     assert sorted(sp.names("corrupt")) == ["bad1", "bad2", "big"]
     assert list(sp.names("active")) == [good]
-    assert "bad2: moved policy-headers/bad2 to corrupt/: message is" in caplog.text
+    assert "bad2: moved incoming/bad2 to corrupt/: message is" in caplog.text
     assert "header section larger than 4096" in caplog.text
 
 

@@ -73,12 +73,13 @@ def test_crash_between_split_parts_loses_no_recipient(tmp_path):
         proc = _drain(tmp_path, MSA_TEST_CRASH_AFTER_PARTS="1")
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         assert sorted(sp.names("active")) == [f"{qid}-{i}" for i in range(1, committed + 1)]
-        assert list(sp.names("policy-split")) == [qid]  # the original is still whole
+        assert list(sp.names("incoming")) == [qid]  # the original is still whole
         assert _recipients_by_origin(sp)[qid] == set(DOMAINS)
     proc = _drain(tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert sorted(sp.names("active")) == [f"{qid}-{i}" for i in (1, 2, 3)]
-    assert list(sp.names("policy-split")) == [] and list(sp.names("corrupt")) == []
+    for stage in ("incoming", "policy-headers", "policy-forward", "policy-split", "corrupt"):
+        assert list(sp.names(stage)) == [], stage
     assert _recipients_by_origin(sp)[qid] == set(DOMAINS)
 
 
