@@ -30,6 +30,7 @@ import errno
 import os
 import pwd
 import stat
+import time
 from typing import BinaryIO
 
 from . import queuefile
@@ -68,11 +69,29 @@ def open_untrusted(path: str | os.PathLike) -> tuple[BinaryIO, os.stat_result]:
     return os.fdopen(fd, "rb"), st
 
 
+# uid -> (passwd entry, when looked up). An entry is reused for OWNER_TTL
+# seconds: a burst from one user costs one NSS lookup, and a renamed or
+# removed account is seen within that time. A uid with no entry is not
+# remembered (a new account is seen at once).
+OWNER_TTL = 10.0
+_OWNERS_MAX = 1024
+_owners: dict[int, tuple[pwd.struct_passwd, float]] = {}
+
+
 def owner(st: os.stat_result) -> pwd.struct_passwd:
+    now = time.monotonic()
+    hit = _owners.get(st.st_uid)
+    if hit is not None and now - hit[1] <= OWNER_TTL:
+        return hit[0]
     try:
-        return pwd.getpwuid(st.st_uid)
+        entry = pwd.getpwuid(st.st_uid)
     except KeyError:
+        _owners.pop(st.st_uid, None)
         raise Refused(f"owner uid {st.st_uid} has no passwd entry") from None
+    if len(_owners) >= _OWNERS_MAX:
+        _owners.clear()
+    _owners[st.st_uid] = (entry, now)
+    return entry
 
 
 # -- addresses -------------------------------------------------------------

@@ -10,6 +10,7 @@ import threading
 
 import pytest
 
+from msa import maildrop
 from msa.maildrop import LineEndings, Refused, check_address, sanitise
 from msa.queuefile import Envelope
 from msa.store import open_spool
@@ -195,3 +196,15 @@ def test_real_sendmail_file_goes_through(tmp_path):
     assert message.startswith(f"Received: by msa.test (msa, from userid {os.getuid()})".encode())
     assert b"hidden@" not in message and message.endswith(b"\r\n\r\nout\r\n")
     assert list(sp.names("corrupt")) == []
+
+
+def test_owner_lookup_is_cached_for_a_short_time(tmp_path, monkeypatch):
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    os.chown(path, NOBODY.pw_uid, -1)
+    st = os.stat(path)
+    first = maildrop.owner(st)
+    assert first.pw_name == "nobody" and maildrop.owner(st) is first
+    monkeypatch.setattr(maildrop, "OWNER_TTL", -1.0)  # expired: looked up again
+    again = maildrop.owner(st)
+    assert again == first and again is not first
