@@ -16,8 +16,10 @@ Stage names in ``[policies].stages`` map to policies by :func:`pipeline`.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import email.utils
+import functools
 import re
 from typing import Iterable
 
@@ -37,7 +39,13 @@ def _arrival(env: Envelope) -> _dt.datetime:
 
 def rfc5322_date(env: Envelope) -> str:
     """The arrival time as an RFC 5322 §3.3 date-time in local time."""
-    return email.utils.format_datetime(_arrival(env))
+    return _rfc5322_date(env.arrival)
+
+
+@functools.lru_cache(maxsize=64)
+def _rfc5322_date(arrival: str) -> str:
+    # Received and Date of one message format the same arrival time.
+    return email.utils.format_datetime(_arrival(Envelope(arrival=arrival)))
 
 
 def applied(env: Envelope) -> list[str]:
@@ -234,7 +242,7 @@ def _run_stages(env: Envelope, headers: HeaderBlock, stages: list[list[Policy]],
         todo = [p for p in pols if p.name not in done]
         if not todo:
             continue
-        fields, envelope = list(headers.fields), env.to_bytes()
+        fields, envelope = list(headers.fields), _state(env)
         parts = None
         for p in todo:
             parts = p.apply(env, headers)
@@ -246,12 +254,24 @@ def _run_stages(env: Envelope, headers: HeaderBlock, stages: list[list[Policy]],
                     mark_applied(part, p.name)
                 _run_stages(part, headers.copy(), stages[i + 1:], out)
             return True
-        if headers.fields != fields or env.to_bytes() != envelope:
+        if headers.fields != fields or _state(env) != envelope:
             for p in todo:
                 mark_applied(env, p.name)
             changed = True
     out.append((env, headers))
     return changed
+
+
+_ENVELOPE_FIELDS = tuple(f.name for f in dataclasses.fields(Envelope)
+                         if f.name not in ("recipients", "history", "extra"))
+
+
+def _state(env: Envelope) -> tuple:
+    """Everything a policy may change in an envelope, to compare (cheaper
+    than serialising it)."""
+    return (tuple(getattr(env, name) for name in _ENVELOPE_FIELDS),
+            tuple((r.address, r.state, r.reply, r.notify, r.orcpt) for r in env.recipients),
+            tuple(env.history), tuple(env.extra))
 
 
 # -- configuration --------------------------------------------------------
