@@ -142,6 +142,12 @@ class DaemonConfig:
     control_socket: str = ""  # default: <spool>/control
     # SIGTERM: seconds that work in flight may take to finish.
     grace: float = 30.0
+    # msa daemon: edge, watcher and runner as supervised child processes
+    # (one GIL each); false runs them all in one process.
+    processes: bool = True
+    # Edge processes sharing the listening addresses (SO_REUSEPORT); 0:
+    # one per CPU.
+    edge_workers: int = 0
 
 
 @dataclass

@@ -105,10 +105,14 @@ class ControlServer:
     """Serves the control socket; ``handlers`` map a command to a function
     (plain or async) returning the text after ``ok``."""
 
-    def __init__(self, path: str, handlers: dict[str, Handler], mode: int = 0o666):
+    def __init__(self, path: str, handlers: dict[str, Handler], mode: int = 0o666,
+                 owner_uid: int | None = None):
         self.path = path
         self.handlers = dict(handlers)
         self.mode = mode
+        # Whose requests are privileged besides root: by default this
+        # process's uid; a supervisor that keeps root names the daemon user.
+        self.owner_uid = os.getuid() if owner_uid is None else owner_uid
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -170,7 +174,7 @@ class ControlServer:
         handler = self.handlers.get(command)
         if handler is None:
             return f"error unknown command {command[:40]!r}"
-        if not permitted(command, peer_uid, os.getuid()):
+        if not permitted(command, peer_uid, self.owner_uid):
             return "error not permitted"
         try:
             result = handler()

@@ -1,9 +1,12 @@
 """``msa daemon|edge|watch|deliver``: run the long-lived components.
 
-``msa daemon`` runs the SMTP submission listeners, the watcher and the
-delivery runner in one asyncio loop; ``msa edge``, ``msa watch`` and
-``msa deliver`` run one each (they share nothing but the spool, so they
-may run as separate processes, even as different users). Invariants:
+``msa daemon`` supervises the SMTP submission listeners, the watcher and
+the delivery runner as child processes (:mod:`msa.supervisor`; each child
+is the code path of ``msa edge``, ``msa watch`` or ``msa deliver``), or,
+with ``[daemon] processes = false`` or ``--single-process``, runs all
+three in one asyncio loop. ``msa edge``, ``msa watch`` and ``msa deliver``
+run one each (they share nothing but the spool, so they may run as
+separate processes, even as different users). Invariants:
 
 - At start the spool is tidied (:meth:`spool.Spool.recover`) before any
   component touches it.
@@ -17,8 +20,12 @@ may run as separate processes, even as different users). Invariants:
   (``SmtpEdge.reload``) without dropping open connections, the watcher
   new policy settings (not new stages); a bad new config is logged and
   the old one kept.
-- The control socket (``flush``, ``reload``, ``status``) is served by the
-  process that runs the delivery runner (``daemon`` or ``deliver``).
+- The control socket (``flush``, ``reload``, ``status``) is served by
+  ``msa daemon`` (the supervisor, or the single process) or ``msa
+  deliver``. SIGUSR1 to a process with a runner is ``flush``.
+- A supervised child (``--supervised PID:FD``, only ever given by the
+  supervisor) writes no pid file, serves no control socket, does not tidy
+  the spool (the supervisor did) and reports to the supervisor over FD.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import time
 from . import config, sysexits, system
 from .control import ControlServer
 from .store import open_spool
+from .supervisor import READY, RELOAD_FAILED, RELOADED, ChildLink, Supervisor, parse_supervised
 
 log = logging.getLogger("msa.daemon")
 
@@ -65,6 +73,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--group", help="and this group ([daemon].group)")
     p.add_argument("--log", help="stderr, syslog or a file path ([daemon].log)")
     p.add_argument("--log-level", help="debug, info, warning, error ([daemon].log_level)")
+    if name == "daemon":
+        p.add_argument("--single-process", action="store_true",
+                       help="run the components in this one process ([daemon].processes = false)")
+    # Given by the supervisor to its children only (msa.supervisor).
+    p.add_argument("--supervised", help=argparse.SUPPRESS)
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     opts = p.parse_args(argv[1:])
     opts.command = name
     return opts
@@ -104,6 +118,7 @@ def setup_logging(where: str, level: str) -> None:
 
 def main(argv: list[str]) -> int:
     opts = parse_args(argv)
+    link = ChildLink(*parse_supervised(opts.supervised)) if opts.supervised else None
     try:
         cfg = config.load(opts.config)
     except config.ConfigError as exc:
@@ -114,11 +129,14 @@ def main(argv: list[str]) -> int:
         value = getattr(opts, key)
         if value:
             setattr(d, key, value)
+    if link is not None:
+        d.pidfile = ""  # the supervisor's
     if d.pidfile:
         d.pidfile = os.path.abspath(d.pidfile)
     if d.log not in ("", "stderr", "syslog"):
         d.log = os.path.abspath(d.log)  # --detach changes directory to /
-    if opts.detach:
+    cwd = os.getcwd()
+    if opts.detach and link is None:
         if d.log in ("", "stderr"):
             d.log = "syslog"
         system.detach()
@@ -135,7 +153,10 @@ def main(argv: list[str]) -> int:
             log.error("%s", exc)
             return sysexits.EX_TEMPFAIL
     try:
-        return asyncio.run(Daemon(cfg, spool, COMPONENTS[opts.command]).serve())
+        if opts.command == "daemon" and d.processes and not opts.single_process:
+            return asyncio.run(Supervisor(cfg, spool, child_options(cfg), cwd).serve())
+        return asyncio.run(Daemon(cfg, spool, COMPONENTS[opts.command], link=link,
+                                  reuse_port=opts.reuse_port).serve())
     except config.ConfigError as exc:
         log.error("config: %s", exc)
         return sysexits.EX_CONFIG
@@ -144,11 +165,26 @@ def main(argv: list[str]) -> int:
             system.remove_pidfile(d.pidfile)
 
 
-class Daemon:
-    """The components of one process and their lifecycle."""
+def child_options(cfg: config.Config) -> list[str]:
+    """The options a supervised child needs to run as its supervisor was
+    told to (command-line overrides included)."""
+    d = cfg.daemon
+    out = ["--config", cfg.path] if cfg.path else []
+    for option, value in (("--log", d.log), ("--log-level", d.log_level),
+                          ("--user", d.user), ("--group", d.group)):
+        if value:
+            out += [option, value]
+    return out
 
-    def __init__(self, cfg: config.Config, spool, components: tuple[str, ...]):
+
+class Daemon:
+    """The components of one process and their lifecycle. ``link`` is set
+    in a child of :class:`msa.supervisor.Supervisor`."""
+
+    def __init__(self, cfg: config.Config, spool, components: tuple[str, ...],
+                 link: ChildLink | None = None, reuse_port: bool = False):
         self.cfg, self.spool, self.components = cfg, spool, components
+        self.link, self.reuse_port = link, reuse_port
         self.edges: list = []
         self.watcher = None
         self.runner = None
@@ -162,13 +198,16 @@ class Daemon:
         """Create the components (raises ConfigError early)."""
         if "edge" in self.components:
             from .edge import edges_from_config
-            self.edges = list(edges_from_config(self.cfg, self.spool))
+            # Several edge processes on one address: SO_REUSEPORT.
+            shared = {"reuse_port": True} if self.reuse_port else {}
+            self.edges = list(edges_from_config(self.cfg, self.spool, **shared))
         if "watch" in self.components:
             from .watcher import Watcher
             self.watcher = Watcher(self.cfg, self.spool)
         if "deliver" in self.components:
             from .runner import Runner
             self.runner = Runner(self.cfg, self.spool)
+        if "deliver" in self.components and self.link is None:
             self.control = ControlServer(self.cfg.control_socket(), {
                 "flush": self.flush, "reload": self.reload, "status": self.status})
 
@@ -211,14 +250,23 @@ class Daemon:
             self.reload()
         except Exception as exc:  # keep running on the old config
             log.error("reload failed, keeping the old config: %s", exc)
+            self._notify(RELOAD_FAILED)
+        else:
+            self._notify(RELOADED)
+
+    def _notify(self, what: bytes) -> None:
+        if self.link is not None:
+            self.link.notify(what)
 
     # -- running ----------------------------------------------------------
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
-        recovered = self.spool.recover()
-        if any(recovered.values()):
-            log.info("recovered spool: removed %(tmp)d temp files, %(claims)d claims", recovered)
+        if self.link is None:
+            recovered = self.spool.recover()
+            if any(recovered.values()):
+                log.info("recovered spool: removed %(tmp)d temp files, %(claims)d claims",
+                         recovered)
         self.build()
         try:
             await self.start()
@@ -234,7 +282,11 @@ class Daemon:
             tasks.append(asyncio.create_task(self.watcher.run(), name="watcher"))
         if self.runner is not None:
             tasks.append(asyncio.create_task(self.runner.run(), name="runner"))
+            loop.add_signal_handler(signal.SIGUSR1, self.runner.flush)
         log.info("started %s (pid %d)", "+".join(self.components), os.getpid())
+        if self.link is not None:
+            watch = asyncio.create_task(self.link.watch_parent(self._stop), name="parent")
+            self._notify(READY)
         stopper = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         code = 0
@@ -244,6 +296,8 @@ class Daemon:
                 log.error("%s stopped unexpectedly: %r", task.get_name(), exc)
                 code = sysexits.EX_SOFTWARE
         stopper.cancel()
+        if self.link is not None:
+            watch.cancel()
         await self._shutdown(tasks)
         log.info("stopped (pid %d)", os.getpid())
         return code

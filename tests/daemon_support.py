@@ -107,6 +107,18 @@ def start_daemon(cfg_path: Path, command: str = "daemon", *args) -> support.Proc
                         stderr=subprocess.STDOUT)
 
 
+def start_detached(cfg_path: Path, cwd: Path, command: str = "daemon") -> int:
+    """``msa COMMAND --detach`` with ``msa.pid`` and ``msa.log`` in ``cwd``;
+    the pid from the pid file once it is there."""
+    proc = subprocess.run([sys.executable, str(support.BIN / "msa"), command, "--config",
+                           str(cfg_path), "--detach", "--pidfile", "msa.pid", "--log", "msa.log"],
+                          cwd=cwd, env=support.msa_env(), capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    pidfile = cwd / "msa.pid"
+    return support.wait_for(lambda: pidfile.exists() and int(pidfile.read_text() or 0),
+                            what="pid file of the detached daemon")
+
+
 def smtp_login(port: int, ca, user: str, password: str, implicit: bool = False):
     import smtplib
     import ssl

@@ -10,7 +10,7 @@ import sys
 from msa import config, queuefile
 from msa.store import open_spool
 from tests import support
-from tests.daemon_support import MESSAGE, deposit, smtp_file
+from tests.daemon_support import MESSAGE, deposit, smtp_file, start_detached
 
 
 def _start(cfg_path, *args):
@@ -83,13 +83,8 @@ def test_detach_writes_pidfile_logs_to_file_and_stops_on_sigterm(tmp_path):
     path = support.write_config(tmp_path)
     cfg = config.load(str(path))
     sp = open_spool(cfg)
-    proc = subprocess.run([sys.executable, str(support.BIN / "msa"), "watch", "--config",
-                           str(path), "--detach", "--pidfile", "msa.pid", "--log", "msa.log"],
-                          cwd=tmp_path, env=support.msa_env(), capture_output=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
+    pid = start_detached(path, tmp_path, "watch")
     pidfile = tmp_path / "msa.pid"
-    pid = support.wait_for(lambda: pidfile.exists() and int(pidfile.read_text() or 0),
-                           what="pid file of the detached daemon")
     try:
         assert os.getsid(pid) != os.getsid(0)  # its own session: no controlling terminal
         qid = deposit(sp, "incoming", smtp_file(["b@x.test"], MESSAGE))
