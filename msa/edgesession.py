@@ -18,6 +18,17 @@ behave differently:
   :class:`msa.edgestore.BodySink` (memory up to a bound, then an unnamed
   file in the spool's ``tmp/``).
 
+CPU per message (the edge is CPU bound): aiosmtpd's ``SMTP.__init__``
+runs ``inspect.getmembers`` over the protocol and the handler for every
+connection; :meth:`SmtpSession._init_protocol` sets the same attributes
+(checked against aiosmtpd's own in the tests) from tables made once per
+class. The command timeout is one timer per session moved lazily (a
+deadline; the timer re-arms itself when it fires early), not a timer
+cancelled and made again twice per command. Validator hooks' arities are
+cached per class and the base class's no-op hooks are not called. The log
+has one line per message (``queued``); connect and disconnect lines are
+DEBUG unless the session queued nothing or had errors.
+
 Durability (DESIGN invariant 1): ``250`` is sent only after the queue file
 was written in ``tmp/``, fsynced and renamed into ``incoming/`` (in a
 worker thread), and a directory fsync that began after the rename has
@@ -33,13 +44,13 @@ import logging
 import time
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope as _AioEnvelope
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope as _AioEnvelope, _AuthMechAttr
 from aiosmtpd.smtp import Session as _AioSession, TLSSetupException
 
 from spool import SpoolError, new_id
 
 from . import queuefile, smtpcmd, smtpdata, tlsconf
-from .edgestore import BodySink, spool_reply, store_message
+from .edgestore import BodySink, spool_reply, store_message, store_pool
 from .auth import CredentialsInvalidError, auth_backend
 from .errors import MsaError
 from .validators import Reply, SmtpValidators, enhance
@@ -97,6 +108,52 @@ class _NoHooks:
     """aiosmtpd wants a handler; every command it would hand over is ours."""
 
 
+_NO_HOOKS = _NoHooks()
+# What aiosmtpd's SMTP.__init__ sets to the same value for every msa session.
+_PROTOCOL_CONSTANTS: dict[str, Any] = dict(
+    __ident__="ESMTP msa", event_handler=_NO_HOOKS, enable_SMTPUTF8=True, _decode_data=False,
+    _timeout_handle=None, _tls_handshake_okay=True, _tls_protocol=None,
+    _original_transport=None, session=None, envelope=None, transport=None,
+    _handler_coroutine=None, _auth_require_tls=True, _proxy_timeout=None,
+    _authenticator=_capture, _auth_callback=None, _ehlo_hook_ver=None,
+    _enforce_call_limit=False)
+_NO_HOOK = -1
+# (validator class, hook name) -> positional arguments after the reply it
+# takes, or _NO_HOOK (absent, or SmtpValidators' own no-op).
+_hook_arity: dict[tuple[type, str], int] = {}
+
+
+def hook_arity(validators: Any, attr: str) -> int:
+    """How many positional arguments ``validators.<attr>`` takes (the
+    reply included), cached per class; :data:`_NO_HOOK` when there is no
+    such hook or it is :class:`SmtpValidators`' no-op. A hook set on the
+    instance itself is looked at every time."""
+    cls = type(validators)
+    per_instance = attr in getattr(validators, "__dict__", ())
+    n = None if per_instance else _hook_arity.get((cls, attr))
+    if n is None:
+        n = _arity(validators, attr)
+        if not per_instance:
+            _hook_arity[(cls, attr)] = n
+    return n
+
+
+def _arity(validators: Any, attr: str) -> int:
+    fn = getattr(validators, attr, None)
+    if fn is None:
+        return _NO_HOOK
+    base = getattr(SmtpValidators, attr, None)
+    if base is not None and getattr(fn, "__func__", None) is base:
+        return _NO_HOOK
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return FOREVER
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return FOREVER
+    return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
+
+
 class SmtpSession(SMTP):
     """aiosmtpd's SMTP protocol with msa's submission rules."""
 
@@ -109,13 +166,51 @@ class SmtpSession(SMTP):
         self._idle = False
         self._registered = False
         self.validators: SmtpValidators | None = None
-        super().__init__(
-            _NoHooks(), data_size_limit=settings.max_message_size,
-            enable_SMTPUTF8=True, decode_data=False, hostname=settings.hostname,
-            ident="ESMTP msa", tls_context=None if settings.implicit_tls else settings.tls_context,
-            timeout=settings.command_timeout, auth_required=settings.require_auth,
-            auth_require_tls=True, authenticator=_capture,
-            loop=asyncio.get_running_loop())
+        self._deadline = 0.0
+        self._messages = 0
+        self._init_protocol(settings, asyncio.get_running_loop())
+
+    @staticmethod
+    def aiosmtpd_options(settings: Any, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+        """What ``SMTP.__init__`` would be given (the tests build a session
+        that way and compare it with :meth:`_init_protocol`'s)."""
+        return dict(data_size_limit=settings.max_message_size, enable_SMTPUTF8=True,
+                    decode_data=False, hostname=settings.hostname, ident="ESMTP msa",
+                    tls_context=None if settings.implicit_tls else settings.tls_context,
+                    timeout=settings.command_timeout, auth_required=settings.require_auth,
+                    auth_require_tls=True, authenticator=_capture, loop=loop)
+
+    def _init_protocol(self, settings: Any, loop: asyncio.AbstractEventLoop) -> None:
+        """``SMTP.__init__(_NO_HOOKS, **aiosmtpd_options(...))`` of aiosmtpd
+        1.4 without its per-connection ``inspect.getmembers``/``dir``: the
+        command and AUTH tables come from the class (:meth:`__getattr__`)."""
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=loop)
+        tls_context = None if settings.implicit_tls else settings.tls_context
+        self.__dict__.update(_PROTOCOL_CONSTANTS)
+        self.loop = loop
+        self.data_size_limit = settings.max_message_size
+        self.command_size_limits.clear()
+        self.hostname = settings.hostname
+        self.tls_context = tls_context
+        self.require_starttls = tls_context and False
+        self._timeout_duration = settings.command_timeout
+        self._auth_required = settings.require_auth
+        self._handle_hooks = {}
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for attributes not set: aiosmtpd's per-instance tables of
+        # bound methods, made on first use (HELP, AUTH), not per connection.
+        if name == "_smtp_methods":
+            value = {n: getattr(self, "smtp_" + n) for n in _commands(type(self))}
+        elif name == "_auth_methods":
+            value = {m: _AuthMechAttr(getattr(self, "auth_" + m), True)
+                     for m in ("PLAIN", "LOGIN")}
+        else:
+            raise AttributeError(name)
+        self.__dict__[name] = value
+        return value
 
     # -- connection ---------------------------------------------------------
 
@@ -139,7 +234,11 @@ class SmtpSession(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         if self.session is not None:
-            log.info("disconnect from %s errors=%d", self._client(), self._errors)
+            quiet = self._messages and not self._errors
+            level = logging.DEBUG if quiet else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(level, "disconnect from %s messages=%d errors=%d", self._client(),
+                        self._messages, self._errors)
         if self._registered:
             self._registered = False
             self.edge._unregister(self)
@@ -150,6 +249,22 @@ class SmtpSession(SMTP):
 
     def _arm(self, seconds: float) -> None:
         self._reset_timeout(seconds)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """The session's one timer: a new deadline moves it only when it
+        is earlier than the timer; a timer that fires early re-arms."""
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or self._deadline < handle.when():
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         log.info("timeout after %s from %s", self._phase(), self._client())
@@ -210,16 +325,11 @@ class SmtpSession(SMTP):
     _command = ""
 
     async def _hook(self, name: str, reply: Reply, *args: Any) -> Reply:
-        fn = getattr(self.validators, "handle_" + name, None)
-        if fn is None:
+        attr = "handle_" + name
+        nargs = hook_arity(self.validators, attr)
+        if nargs == _NO_HOOK:
             return reply
-        try:
-            params = inspect.signature(fn).parameters
-            nargs = len([p for p in params.values()
-                         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
-        except (TypeError, ValueError):
-            nargs = 1 + len(args)
-        result = fn(reply, *args[:max(0, nargs - 1)])
+        result = getattr(self.validators, attr)(reply, *args[:max(0, nargs - 1)])
         if inspect.isawaitable(result):
             await result
         return reply
@@ -231,7 +341,8 @@ class SmtpSession(SMTP):
     # -- the command loop ---------------------------------------------------
 
     async def _handle_client(self) -> None:
-        log.info("connect from %s tls=%s", self._client(), self.session.tls or "none")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connect from %s tls=%s", self._client(), self.session.tls or "none")
         if self._refused:
             await self._close_with(f"421 4.7.0 {self.hostname} Error: too many connections")
             return
@@ -283,12 +394,12 @@ class SmtpSession(SMTP):
             await self.push(exc.reply())
             return
         self._command = verb
-        method = self._smtp_methods.get(verb)
+        method = _commands(type(self)).get(verb)
         if method is None:
             await self.push("500 5.5.1 Error: command not recognized")
             return
         try:
-            await method(arg or None)
+            await method(self, arg or None)
         except MsaError as exc:          # a parse error carries its reply
             await self.push(exc.reply())
 
@@ -396,7 +507,9 @@ class SmtpSession(SMTP):
             await self.push("504 5.5.4 Unrecognized authentication type")
             return
         try:
-            result = await self._auth_methods[mechanism].method(self, [mechanism, *args[1:]])
+            # aiosmtpd's auth_PLAIN/auth_LOGIN(self, server, args)
+            method = getattr(self, "auth_" + mechanism)
+            result = await method(self, [mechanism, *args[1:]])
         except ValueError:          # a challenge response over the line limit
             await self.push("500 5.5.2 Line too long")
             return
@@ -560,6 +673,7 @@ class SmtpSession(SMTP):
             log.warning("%s: queue file write error: %s", self._client(), exc)
             return spool_reply(exc)
         s = self.session
+        self._messages += 1
         log.info("%s: client=%s, sasl_username=%s, from=<%s>, size=%d, nrcpt=%d, tls=%s",
                  qid, self._client(), s.auth_result or "", env.sender, sink.size,
                  len(env.recipients), s.tls or "none")
@@ -628,9 +742,22 @@ class SmtpSession(SMTP):
         self._arm(FOREVER)
         try:
             loop = asyncio.get_running_loop()
-            qid = await loop.run_in_executor(None, store_message, self.settings.spool,
+            qid = await loop.run_in_executor(store_pool(), store_message, self.settings.spool,
                                              self.settings.stage, env, sink)
             await self.edge.group_sync.sync()
             return qid
         finally:
             self._arm(self.settings.command_timeout)
+
+
+_command_tables: dict[type, dict[str, Any]] = {}
+
+
+def _commands(cls: type) -> dict[str, Any]:
+    """``{"MAIL": cls.smtp_MAIL, ...}``: the protocol's commands, once per
+    class (aiosmtpd makes this table with ``dir()`` per connection)."""
+    table = _command_tables.get(cls)
+    if table is None:
+        table = {name[5:]: getattr(cls, name) for name in dir(cls) if name.startswith("smtp_")}
+        _command_tables[cls] = table
+    return table

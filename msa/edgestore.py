@@ -7,7 +7,9 @@ Invariants:
   goes to an unnamed file (O_TMPFILE) in the spool's ``tmp/``, on the same
   filesystem, which the kernel removes if the process dies.
 - :func:`store_message` writes envelope + body to ``tmp/<id>.<pid>``,
-  fsyncs it and renames it into the stage; it runs in a worker thread.
+  fsyncs it and renames it into the stage; it runs in a thread of
+  :func:`store_pool` (the edge's own: a slow disk does not hold up other
+  users of the loop's default executor, nor they the edge).
   The directory fsync that makes the rename durable is the caller's
   (:class:`spool.GroupSync`), and only after it may the caller say 250.
 - Any failure leaves no file behind (the spool Writer removes its temp
@@ -16,14 +18,31 @@ Invariants:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import tempfile
+import threading
 from typing import Any, Iterator
 
 from spool import SpoolFull
 
 from . import queuefile
+
+# Threads writing queue files at once: fsyncs in flight together let the
+# filesystem journal commit them together.
+STORE_WORKERS = 16
+_store_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_store_pool_lock = threading.Lock()
+
+
+def store_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _store_pool
+    with _store_pool_lock:
+        if _store_pool is None:
+            _store_pool = concurrent.futures.ThreadPoolExecutor(
+                STORE_WORKERS, thread_name_prefix="msa-store")
+        return _store_pool
 
 
 class BodySink:
@@ -55,9 +74,11 @@ class BodySink:
             self.error = exc
             self.close()
 
-    def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
+    def chunks(self, size: int = 1 << 20) -> Iterator[bytes | memoryview]:
+        """The message, in pieces (a view of the memory buffer: no copy)."""
         if self.file is None:
-            yield bytes(self.buf)
+            with memoryview(self.buf) as view:
+                yield view
             return
         self.file.flush()
         self.file.seek(0)
