@@ -52,25 +52,22 @@ import dataclasses
 import inspect
 import logging
 import ssl
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from spool import GroupSync, Spool
+from spool import Spool
 
 from . import tlsconf
-from .auth import Auth, PasswdFileAuth, SenderPolicy, TrustedNetworks
+from .auth import PasswdFileAuth, SenderPolicy, TrustedNetworks
 from .config import Config, ConfigError, EdgeConfig
 from .edgesession import ABORT_AFTER, SmtpSession
+from .edgestore import ThreadGroupSync, dir_sync_for
 
 log = logging.getLogger("msa.edge")
 
 AUTH_WORKERS = 2
 _DEFAULTS = EdgeConfig()
 _auth_pool: concurrent.futures.ThreadPoolExecutor | None = None
-# asyncio primitives belong to one loop: one GroupSync per loop and stage.
-_group_syncs: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, GroupSync]]" = \
-    weakref.WeakKeyDictionary()
 
 
 def auth_pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -79,16 +76,6 @@ def auth_pool() -> concurrent.futures.ThreadPoolExecutor:
         _auth_pool = concurrent.futures.ThreadPoolExecutor(
             AUTH_WORKERS, thread_name_prefix="msa-auth")
     return _auth_pool
-
-
-def group_sync_for(spool: Spool, stage: str) -> GroupSync:
-    """One GroupSync per stage directory, shared by every edge running in
-    this event loop (so their sessions share directory fsyncs)."""
-    per_loop = _group_syncs.setdefault(asyncio.get_running_loop(), {})
-    path = str(spool.root / stage)
-    if path not in per_loop:
-        per_loop[path] = GroupSync(path)
-    return per_loop[path]
 
 
 @dataclass
@@ -176,7 +163,7 @@ class SmtpEdge:
             max_errors=max_errors, max_auth_failures=max_auth_failures,
             auth_failure_delay=auth_failure_delay, max_connections=max_connections,
             memory_limit=memory_limit, max_header_size=max_header_size)
-        self.group_sync: GroupSync | None = None       # made by start()
+        self.dir_sync: ThreadGroupSync | None = None   # made by start()
         self.stopping = False
         self._server: asyncio.AbstractServer | None = None
         self._sessions: set[SmtpSession] = set()
@@ -187,7 +174,7 @@ class SmtpEdge:
     async def start(self) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
-        self.group_sync = group_sync_for(s.spool, s.stage)
+        self.dir_sync = dir_sync_for(s.spool, s.stage)
         self.stopping = False
         self._drained = asyncio.Event()
         self._drained.set()
@@ -322,7 +309,8 @@ def _sender_policy(cfg: Config) -> SenderPolicy:
 def edges_from_config(cfg: Config, spool: Spool, reuse_port: bool = False) -> list[SmtpEdge]:
     """The submission (STARTTLS) and submissions (implicit TLS) listeners
     of ``[edge]``, one :class:`SmtpEdge` per address; they share the TLS
-    context, the password file and the incoming/ group commit. With
+    context, the password file and (per process) the incoming/ group
+    commit of directory fsyncs. With
     ``reuse_port`` several processes may each run these edges on the same
     addresses (SO_REUSEPORT: the kernel spreads connections over them)."""
     e = cfg.edge

@@ -30,9 +30,10 @@ has one line per message (``queued``); connect and disconnect lines are
 DEBUG unless the session queued nothing or had errors.
 
 Durability (DESIGN invariant 1): ``250`` is sent only after the queue file
-was written in ``tmp/``, fsynced and renamed into ``incoming/`` (in a
-worker thread), and a directory fsync that began after the rename has
-completed (:class:`spool.GroupSync`, shared by concurrent sessions).
+was written in ``tmp/``, fsynced and renamed into ``incoming/``, and a
+directory fsync that began after the rename has completed, all in one
+worker thread (:func:`msa.edgestore.store_message`; the directory fsync
+is shared by the sessions storing at the same time).
 Nothing is acknowledged on any error: a refused DATA leaves no file.
 """
 
@@ -742,10 +743,9 @@ class SmtpSession(SMTP):
         self._arm(FOREVER)
         try:
             loop = asyncio.get_running_loop()
-            qid = await loop.run_in_executor(store_pool(), store_message, self.settings.spool,
-                                             self.settings.stage, env, sink)
-            await self.edge.group_sync.sync()
-            return qid
+            return await loop.run_in_executor(
+                store_pool(), store_message, self.settings.spool, self.settings.stage, env,
+                sink, self.edge.dir_sync)
         finally:
             self._arm(self.settings.command_timeout)
 

@@ -7,13 +7,18 @@ Invariants:
   goes to an unnamed file (O_TMPFILE) in the spool's ``tmp/``, on the same
   filesystem, which the kernel removes if the process dies.
 - :func:`store_message` writes envelope + body to ``tmp/<id>.<pid>``,
-  fsyncs it and renames it into the stage; it runs in a thread of
-  :func:`store_pool` (the edge's own: a slow disk does not hold up other
-  users of the loop's default executor, nor they the edge).
-  The directory fsync that makes the rename durable is the caller's
-  (:class:`spool.GroupSync`), and only after it may the caller say 250.
-- Any failure leaves no file behind (the spool Writer removes its temp
-  file); a full disk is :data:`SpoolFull` and becomes ``452 4.3.1``.
+  fsyncs it, renames it into the stage and returns only after a fsync of
+  the stage directory that began after the rename has completed (one
+  :class:`spool.group.ThreadGroupSync` per directory and process: the
+  threads storing at the same time share one directory fsync). Only then
+  may the caller say 250. It runs in a thread of :func:`store_pool` (the
+  edge's own, so a slow disk does not hold up other users of the loop's
+  default executor, nor they the edge), one hand-off per message.
+- Any failure before the rename leaves no file behind (the spool Writer
+  removes its temp file); a full disk is :data:`SpoolFull` and becomes
+  ``452 4.3.1``. A failed directory fsync after the rename is a 4xx too:
+  the file may stay and be delivered (a duplicate if the client sends it
+  again, never a loss).
 """
 
 from __future__ import annotations
@@ -26,19 +31,21 @@ import threading
 from typing import Any, Iterator
 
 from spool import SpoolFull
+from spool.group import ThreadGroupSync
 
 from . import queuefile
 
 # Threads writing queue files at once: fsyncs in flight together let the
 # filesystem journal commit them together.
-STORE_WORKERS = 16
+STORE_WORKERS = 32
 _store_pool: concurrent.futures.ThreadPoolExecutor | None = None
-_store_pool_lock = threading.Lock()
+_lock = threading.Lock()
+_dir_syncs: dict[str, ThreadGroupSync] = {}
 
 
 def store_pool() -> concurrent.futures.ThreadPoolExecutor:
     global _store_pool
-    with _store_pool_lock:
+    with _lock:
         if _store_pool is None:
             _store_pool = concurrent.futures.ThreadPoolExecutor(
                 STORE_WORKERS, thread_name_prefix="msa-store")
@@ -96,14 +103,28 @@ class BodySink:
                 file.close()
 
 
-def store_message(spool, stage: str, env: queuefile.Envelope, sink: BodySink) -> str:
-    """Write envelope + message into ``tmp/``, fsync, rename into the stage
-    (the directory fsync is the caller's, shared). Runs in a thread."""
+def dir_sync_for(spool, stage: str) -> ThreadGroupSync:
+    """The group commit of ``stage``'s directory fsyncs in this process."""
+    path = str(spool.root / stage)
+    with _lock:
+        sync = _dir_syncs.get(path)
+        if sync is None:
+            sync = _dir_syncs[path] = ThreadGroupSync(path)
+        return sync
+
+
+def store_message(spool, stage: str, env: queuefile.Envelope, sink: BodySink,
+                  dir_sync: ThreadGroupSync | None = None) -> str:
+    """Write envelope + message into ``tmp/``, fsync, rename into the
+    stage, then wait for a shared directory fsync that began after the
+    rename. Runs in a thread; when it returns the message is durable."""
     with spool.writer(stage, env.queue_id) as w:
         w.write(env.to_bytes())
         for chunk in sink.chunks():
             w.write(chunk)
-        return w.commit(sync_dir=False)
+        qid = w.commit(sync_dir=False)
+    (dir_sync or dir_sync_for(spool, stage)).sync()
+    return qid
 
 
 def spool_reply(exc: BaseException) -> str:
