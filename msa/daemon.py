@@ -85,7 +85,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 class _Format(logging.Formatter):
-    """Postfix-like: ``msa/watcher[pid]: QID: text``."""
+    """Postfix-like: ``msa/watcher[pid]: QID: text``. The time stamp has
+    whole seconds, so it is formatted once a second, not once a line."""
+
+    _second: int = -1
+    _stamp: str = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = super().formatTime(record, datefmt)
+            self._second = second
+        return self._stamp
 
     def format(self, record: logging.LogRecord) -> str:
         record.component = record.name.replace(".", "/", 1) if record.name.startswith("msa.") \

@@ -42,7 +42,12 @@ class DotStuffer:
             buf = buf[:-1]
         if not buf:
             return b""
-        out = _DOT_AFTER_CRLF.sub(b"\r\n..", _LINE_END.sub(b"\r\n", buf))
+        out = buf
+        crlf = buf.count(b"\r\n")
+        if buf.count(b"\n") != crlf or buf.count(b"\r") != crlf:  # a bare CR or LF
+            out = _LINE_END.sub(b"\r\n", buf)
+        if b"\r\n." in out:
+            out = _DOT_AFTER_CRLF.sub(b"\r\n..", out)
         if self._at_line_start and out.startswith(b"."):
             out = b"." + out
         self._at_line_start = out.endswith(b"\r\n")

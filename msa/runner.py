@@ -36,13 +36,14 @@ Invariants and crash rules:
 from __future__ import annotations
 
 import asyncio
+import datetime as _dt
 import logging
 import os
 import random
 import time
 from typing import Callable
 
-from spool import DueIndex, Spool, StageWatcher, id_time, new_id, valid_name
+from spool import DueIndex, GroupSync, Spool, StageWatcher, id_time, new_id, valid_name
 
 from . import backoff
 from .config import ACTIVE, Config
@@ -86,6 +87,7 @@ class Runner:
         self._busy: dict[str, int] = {}
         self._next_wake = 0.0             # when the due feeder looks again
         self._retry_tasks: set[asyncio.Task] = set()
+        self._dir_syncs: dict[str, GroupSync] = {}
 
     # -- control ---------------------------------------------------------------
 
@@ -392,9 +394,10 @@ class Runner:
 
     def _record(self, env: Envelope, results: list[RcptResult], attempt: int,
                 start: float, now: float) -> None:
+        stamp = utc_iso(now)
         env.attempts = str(attempt)
         env.first_attempt = env.first_attempt or utc_iso(start)
-        env.last_attempt = utc_iso(now)
+        env.last_attempt = stamp
         env.next_attempt = ""
         seen = set()
         for res in results:
@@ -402,12 +405,21 @@ class Runner:
             if key in seen:
                 continue
             seen.add(key)
-            env.add_history(f"{utc_iso(now)} {res.relay} {res.state} {res.reply}")
+            env.add_history(f"{stamp} {res.relay} {res.state} {res.reply}")
         errors = [r.reply for r in results if r.state != "sent"]
         env.last_error = errors[0] if errors else ""
 
     async def _finish(self, claim, qid: str) -> None:
-        await asyncio.to_thread(claim.done)
+        """Remove the file; the directory fsync that makes the removal
+        durable is shared by the deliveries finishing at the same time
+        (GroupSync). Until it is durable a crash may bring the file back:
+        a duplicate, never a loss."""
+        directory = str(claim.path.parent)
+        claim.done(sync_dir=False)
+        sync = self._dir_syncs.get(directory)
+        if sync is None:
+            sync = self._dir_syncs[directory] = GroupSync(directory)
+        await sync.sync()
         log.info("%s: removed", qid)
 
     def _rewrite_and_defer(self, claim, f, env: Envelope, offset: int, due: float,
@@ -493,12 +505,24 @@ class Runner:
 
 def _arrival(env: Envelope, qid: str) -> float:
     try:
-        return parse_iso(env.arrival)
+        return _parse_utc(env.arrival)
     except ValueError:
         try:
             return id_time(qid)
         except ValueError:
             return time.time()
+
+
+def _parse_utc(text: str) -> float:
+    """:func:`queuefile.parse_iso` for what :func:`queuefile.utc_iso` writes
+    (``2026-11-29T11:00:00.123456Z``), without strptime's cost; anything
+    else goes through ``parse_iso``."""
+    if len(text) == 27 and text[10] == "T" and text[-1] == "Z":
+        try:
+            return _dt.datetime.fromisoformat(text[:-1] + "+00:00").timestamp()
+        except ValueError:
+            pass
+    return parse_iso(text)
 
 
 def _log_result(qid: str, res: RcptResult, delay: float, word: str) -> None:
