@@ -10,7 +10,7 @@ setup(
         "aiosmtpd>=1.4,<1.5",  # the edge subclasses its SMTP session (tested on 1.4.6)
         "aiosmtplib>=3.0",
         "dnspython>=2.4",
-        "filelock>=3.12",
+        "filelock>=3.12,<3.17",  # claims; 4.x acquire is ~15x slower (see spool/core.py)
         "inotify_simple>=1.3",
         "python-daemon>=3.0",
         "argon2-cffi>=23.1",   # password hashes: a well-kept argon2id binding
