@@ -29,8 +29,8 @@ if str(ROOT) not in sys.path:
 # TOML appended to every generated msa.toml (``run.py --msa-toml``), for
 # experiments; the run's notes show it.
 EXTRA_TOML = ""
-# ``run.py --msa-split``: the daemon's three components as three processes.
-SPLIT = False
+# ``run.py --edge-workers``: ``[daemon] edge_workers`` (None: msa's default).
+EDGE_WORKERS: int | None = None
 
 # (section, key) the benchmark config needs; value shown in reports.
 TRUSTED_KEY = ("edge", "trusted_networks")
@@ -55,24 +55,18 @@ def missing_features() -> list[str]:
     if not (ROOT / "msa" / "daemon.py").exists():
         missing.append("msa/daemon.py (`msa daemon`, `msa deliver`)")
     keys = config_keys()
-    for key in SMARTHOST_KEYS:
+    for key in (TRUSTED_KEY, *SMARTHOST_KEYS):
         if key not in keys:
             missing.append(f"config [{key[0]}] {key[1]}")
     return missing
 
 
-def has_trusted_networks() -> bool:
-    """msa's config can open a listener to loopback clients without AUTH;
-    without it the harness runs :mod:`bench.msa_daemon` instead."""
-    return TRUSTED_KEY in config_keys()
-
-
 def config_text(base: Path, port: int, sink_port: int, certfile: Path, keyfile: Path,
-                trusted: bool = True) -> str:
-    """The msa.toml for the benchmark (pure). With ``trusted=False`` the
-    config has no listener: :mod:`bench.msa_daemon` adds one."""
-    edge = (f'submission = ["127.0.0.1:{port}"]\ntrusted_networks = ["127.0.0.0/8"]\n'
-            if trusted else "submission = []\n")
+                edge_workers: int | None = None) -> str:
+    """The msa.toml for the benchmark (pure): one plain listener on
+    127.0.0.1 that takes mail without AUTH from 127.0.0.0/8 (what Postfix's
+    ``mynetworks`` grants the reference)."""
+    workers = "" if edge_workers is None else f"edge_workers = {edge_workers}\n"
     return f"""\
 # msa for the benchmark (bench/msa_side.py). Generated.
 [spool]
@@ -83,7 +77,9 @@ hostname = "msa.bench.test"
 domain = "bench.test"
 
 [edge]
-{edge}submissions = []
+submission = ["127.0.0.1:{port}"]
+trusted_networks = ["127.0.0.0/8"]
+submissions = []
 certfile = "{certfile}"
 keyfile = "{keyfile}"
 
@@ -98,7 +94,7 @@ tls = "none"
 [daemon]
 log = "stderr"
 log_level = "info"
-"""
+{workers}"""
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
@@ -128,7 +124,7 @@ class MsaInstance:
         cert, key = self_signed(self.base)
         (self.base / "passwd").touch()
         self.config.write_text(config_text(self.base, self.port, self.sink_port, cert, key,
-                                           trusted=has_trusted_networks()) + EXTRA_TOML)
+                                           EDGE_WORKERS) + EXTRA_TOML)
 
     @property
     def spool(self) -> Path:
@@ -153,11 +149,6 @@ class MsaInstance:
             self._wait_port(timeout)
 
     def argv(self) -> list[str]:
-        if (self.command in ("daemon", "edge") and not has_trusted_networks()) or (
-                self.command == "daemon" and SPLIT):
-            only = "split" if self.command == "daemon" and SPLIT else self.command
-            return [sys.executable, str(ROOT / "bench" / "msa_daemon.py"), "--config",
-                    str(self.config), "--listen", f"127.0.0.1:{self.port}", "--only", only]
         return [sys.executable, str(MSA), self.command, "--config", str(self.config),
                 "--foreground"]
 

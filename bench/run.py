@@ -58,8 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="DIR", help="py-spy msa in an extra c=10 run")
     p.add_argument("--msa-toml", default="", metavar="TOML",
                    help="append this to msa's generated msa.toml (experiments; noted)")
-    p.add_argument("--msa-split", action="store_true",
-                   help="run msa as three processes (edge, watch, deliver) on one spool")
+    p.add_argument("--edge-workers", type=int, metavar="N",
+                   help="msa's [daemon] edge_workers (default: msa's own default)")
     p.add_argument("--json", metavar="PATH", help="write the raw results here")
     p.add_argument("--workdir", help="parent of the temp dir (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, spools)")
@@ -118,9 +118,9 @@ def run(args: argparse.Namespace, work: Path, results: dict) -> None:
                  "commits_per_s": disk.durable_commits_per_s(work / "disk", 200 if args.quick
                                                              else 1000)}
     sides = list(args.side_list)
-    if args.msa_split:
-        msa_side.SPLIT = True
-        m["notes"].append("msa runs as three processes: edge, `msa watch`, `msa deliver`")
+    if args.edge_workers is not None:
+        msa_side.EDGE_WORKERS = args.edge_workers
+        m["notes"].append(f"msa [daemon] edge_workers = {args.edge_workers}")
     if args.msa_toml:
         msa_side.EXTRA_TOML = "\n" + args.msa_toml.replace("\\n", "\n") + "\n"
         m["notes"].append(f"msa.toml extra: {args.msa_toml!r}")
@@ -129,10 +129,6 @@ def run(args: argparse.Namespace, work: Path, results: dict) -> None:
         if missing:
             m["notes"].append("msa side skipped, missing: " + "; ".join(missing))
             sides.remove("msa")
-        elif not msa_side.has_trusted_networks():
-            m["notes"].append("msa has no [edge] trusted_networks: its side runs "
-                              "bench/msa_daemon.py (msa.daemon.Daemon plus an SmtpEdge with "
-                              "require_auth=False bound to 127.0.0.1)")
     if "postfix" in sides and os.geteuid() != 0:
         m["notes"].append("postfix side skipped: a private Postfix instance needs root")
         sides.remove("postfix")

@@ -45,6 +45,20 @@ def test_main_cf_relays_to_sink_and_keeps_defaults_for_durability(tmp_path):
     assert "fsync" not in text  # Postfix's fsync before 250 stays on
 
 
+def test_msa_config_is_one_trusted_loopback_listener_with_optional_edge_workers(tmp_path):
+    from msa import config
+    for workers in (None, 2):
+        path = tmp_path / f"msa-{workers}.toml"
+        path.write_text(msa_side.config_text(tmp_path, 2526, 2525, tmp_path / "c.pem",
+                                             tmp_path / "k.pem", edge_workers=workers))
+        cfg = config.load(str(path))
+        assert [str(a) for a in cfg.edge.submission] == ["127.0.0.1:2526"]
+        assert list(cfg.edge.submissions) == [] and cfg.edge.trusted_networks
+        assert cfg.daemon.edge_workers == (workers or config.Config().daemon.edge_workers)
+    assert msa_side.MsaInstance(tmp_path, 2526, 2525).argv()[-3:] == [
+        "--config", str(tmp_path / "msa.toml"), "--foreground"]
+
+
 def test_rows_use_median_and_fail_a_cell_with_a_failed_round():
     load = [{"side": "msa", "conc": 10, "n": 100, "accept_s": s, "e2e_s": s * 2, "error": ""}
             for s in (1.0, 2.0, 4.0)]
