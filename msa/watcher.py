@@ -55,6 +55,8 @@ import concurrent.futures
 import io
 import logging
 import os
+import queue
+import select
 import signal
 import threading
 import time
@@ -184,7 +186,8 @@ class Watcher:
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
         self._stopping = False
-        self._wake: asyncio.Event | None = None
+        self._wake_r: int | None = None
+        self._wake_w: int | None = None
         self._crash_after = int(os.environ.get(CRASH_AFTER_PARTS_ENV, "0") or 0)
         self._parts_committed = 0
 
@@ -369,61 +372,91 @@ class Watcher:
             return None
 
     async def run(self) -> None:
-        """Watch until :meth:`stop`; in-flight messages finish first."""
+        """Watch until :meth:`stop`; in-flight messages finish first.
+
+        The feeding and the work are plain threads with a bounded queue
+        between them: no event loop round trip per message (the loop only
+        waits for the feeder to end)."""
         loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
         self._stopping = False
         sw = StageWatcher(self.spool, self.watched_stages())
-        work: asyncio.Queue = asyncio.Queue(maxsize=self.workers * 8)
-        executor = concurrent.futures.ThreadPoolExecutor(self.workers, "msa-watcher")
-        tasks = [asyncio.create_task(self._worker(work, executor))
-                 for _ in range(self.workers)]
-        loop.add_reader(sw.fileno(), self._wake.set)
+        work: queue.Queue = queue.Queue(maxsize=self.workers * 8)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        threads = [threading.Thread(target=self._work_thread, args=(work,),
+                                    name=f"msa-watcher-{i}", daemon=True)
+                   for i in range(self.workers)]
+        for t in threads:
+            t.start()
+        feeder = concurrent.futures.ThreadPoolExecutor(1, "msa-watcher-feed")
         try:
-            await self._feed(sw, work)
+            await loop.run_in_executor(feeder, self._feed, sw, work)
         finally:
-            loop.remove_reader(sw.fileno())
-            while not work.empty():  # not started: seen again at next start
-                work.get_nowait()
-            for _ in tasks:
-                await work.put(None)
-            await asyncio.gather(*tasks, return_exceptions=True)
-            executor.shutdown(wait=True)
+            self.stop()
+            await loop.run_in_executor(feeder, self._finish, work, threads)
+            feeder.shutdown(wait=False)
             sw.close()
+            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None
+            for fd in fds:
+                os.close(fd)
 
-    async def _feed(self, sw: StageWatcher, work: asyncio.Queue) -> None:
+    def _feed(self, sw: StageWatcher, work: queue.Queue) -> None:
+        """The feeder thread: the backlog at start and at every rescan,
+        then what inotify reports, into ``work`` (blocking when full)."""
+        poller = select.poll()
+        poller.register(sw.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         next_rescan = 0.0
         while not self._stopping:
             if sw.need_rescan or time.monotonic() >= next_rescan:
                 sw.need_rescan = False
                 next_rescan = time.monotonic() + self.rescan_interval
                 for item in sw.rescan():
-                    if self._stopping:
+                    if not self._put(work, item):
                         return
-                    await work.put(item)
-            self._wake.clear()
             for item in sw.read(timeout_ms=0):
-                await work.put(item)
+                if not self._put(work, item):
+                    return
             if sw.need_rescan:
                 continue
-            try:
-                await asyncio.wait_for(self._wake.wait(),
-                                       max(0.1, next_rescan - time.monotonic()))
-            except asyncio.TimeoutError:
-                pass
+            poller.poll(max(100, int(1000 * (next_rescan - time.monotonic()))))
 
-    async def _worker(self, work: asyncio.Queue, executor) -> None:
-        loop = asyncio.get_running_loop()
+    def _put(self, work: queue.Queue, item: tuple[str, str]) -> bool:
+        """Queue one item, waiting for room; False once stopping."""
+        while not self._stopping:
+            try:
+                work.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work_thread(self, work: queue.Queue) -> None:
         while True:
-            item = await work.get()
+            item = work.get()
             if item is None:
                 return
-            await loop.run_in_executor(executor, self._safe_process, *item)
+            self._safe_process(*item)
+
+    def _finish(self, work: queue.Queue, threads: list[threading.Thread]) -> None:
+        """Drop what was not started (seen again at the next start), let
+        the workers finish their message, and wait for them."""
+        while True:
+            try:
+                work.get_nowait()
+            except queue.Empty:
+                break
+        for _ in threads:
+            work.put(None)
+        for t in threads:
+            t.join()
 
     def stop(self) -> None:
         self._stopping = True
-        if self._wake is not None:
-            self._wake.set()
+        if self._wake_w is not None:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
 
 
 def _unlink(path: os.PathLike) -> None:
