@@ -35,10 +35,20 @@ Decisions:
   memory. aiosmtplib's own ``data()`` takes the whole message as one
   ``bytes``; only its ``DATA`` command, ``write`` and ``read_response``
   are used here.
+- PIPELINING (RFC 2920): when the server offers it, MAIL, every RCPT and
+  DATA go out in one write and the replies are read in order (DATA last in
+  the group, §3.1). Every reply is checked: no accepted recipient, or a
+  rejected MAIL, with a 354 to DATA anyway gets a lone ``.`` (§3.1). The
+  results per recipient are those of the command-by-command dialogue,
+  which is used when PIPELINING is not offered.
 - Connections are reused (nullmailer#68): after a transaction the
   connection goes back to a pool keyed by address, port, TLS mode and
-  AUTH user; the next message to that server sends RSET on it (which also
-  proves it is alive) instead of connecting again. A pooled connection is
+  AUTH user; the next message to that server goes out on it instead of
+  connecting again. RSET is sent first only after an aborted transaction
+  (a completed DATA ends the transaction, RFC 5321 §4.1.1.4). A reused
+  connection the server closed or answers 421 before it replied to MAIL
+  is replaced by a fresh one (it may have timed out while idle); that is
+  not a failure of the host. A pooled connection is
   closed with QUIT after ``idle_timeout`` seconds unused or after
   ``max_messages_per_connection`` messages. At most ``max_connections``
   connections are open in total (idle ones are closed to make room) and at
@@ -55,6 +65,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Protocol
 
 import aiosmtplib
+from aiosmtplib.protocol import (COMMAND_INJECTION_REGEX, MAX_LINE_LENGTH,
+                                 MAX_RESPONSE_LENGTH, SMTPProtocol)
 
 from .dotstuff import DotStuffer
 from .dsn import status_of as enhanced_status
@@ -189,6 +201,44 @@ class Where:
     tls: str = ""
 
 
+class PipeliningProtocol(SMTPProtocol):
+    """aiosmtplib's protocol, keeping the replies to a pipelined group.
+
+    aiosmtplib parses one reply per waiter and drops what arrives while a
+    parsed reply waits to be picked up (it expects one command at a time).
+    While ``owed`` replies are outstanding, arriving data is kept in the
+    buffer instead and :meth:`read_response` parses the next reply from it.
+    """
+
+    owed = 0
+
+    def data_received(self, data: bytes) -> None:
+        waiter = self._response_waiter
+        if self.owed and waiter is not None and (waiter.done() or not self._response_pending):
+            self._buffer.extend(data)
+            if len(self._buffer) > MAX_RESPONSE_LENGTH + self.owed * MAX_LINE_LENGTH:
+                self.transport.close()  # runaway server: the next read fails
+            return
+        super().data_received(data)
+
+    async def read_response(self, timeout: float | None = None):
+        waiter = self._response_waiter
+        if self.owed and self._buffer and waiter is not None and not waiter.done():
+            try:
+                response = self._read_response_from_buffer()
+            except Exception as exc:  # noqa: BLE001 - what data_received does
+                self._set_response_exception(waiter, exc)
+            else:
+                if response is not None:
+                    waiter.set_result(response)
+        return await super().read_response(timeout)
+
+
+class StaleConnection(Exception):
+    """A reused connection was closed by the server before it answered
+    MAIL: open a fresh one."""
+
+
 class Connection:
     """One open SMTP session and what the server said it supports."""
 
@@ -197,9 +247,17 @@ class Connection:
         self.messages = 0
         self.idle_handle: asyncio.TimerHandle | None = None
         self.dropped = False  # its slot in the pool was given back
+        self.reused = False   # taken from the pool for this transaction
+        self.dirty = False    # a transaction was aborted: RSET before the next
 
     def supports(self, ext: str) -> bool:
         return self.smtp.supports_extension(ext)
+
+    @property
+    def pipelining(self) -> bool:
+        """PIPELINING offered, and the protocol can keep pipelined replies."""
+        return isinstance(self.smtp.protocol, PipeliningProtocol) and \
+            self.smtp.supports_extension("pipelining")
 
     @property
     def max_size(self) -> int:
@@ -506,17 +564,20 @@ class SmtpRelay:
     # -- one host --------------------------------------------------------------
 
     async def _deliver_host(self, env, message, dest, where, rcpts) -> list[RcptResult]:
-        conn = await self._connection(dest, where)
-        reusable = False
-        try:
-            results, reusable = await self._transaction(conn, env, message, rcpts)
-            return results
-        finally:
-            conn.messages += 1
-            if reusable and conn.alive and conn.messages < self.max_messages_per_connection:
-                self.pool.put(conn)
-            else:
-                self.pool.discard(conn)
+        while True:
+            conn = await self._connection(dest, where)
+            reusable = False
+            try:
+                results, reusable = await self._transaction(conn, env, message, rcpts)
+                return results
+            except StaleConnection:
+                continue  # only a pooled connection raises it: bounded
+            finally:
+                conn.messages += 1
+                if reusable and conn.alive and conn.messages < self.max_messages_per_connection:
+                    self.pool.put(conn)
+                else:
+                    self.pool.discard(conn)
 
     async def _connection(self, dest: Destination, where: Where) -> Connection:
         key = (where.addr, where.port, dest.tls, dest.auth[0] if dest.auth else "",
@@ -525,9 +586,13 @@ class SmtpRelay:
             conn = self.pool.take(key)
             if conn is None:
                 break
+            conn.reused = True
+            if not conn.dirty:
+                return conn
             try:
                 resp = await conn.smtp.execute_command(b"RSET", timeout=self.command_timeout)
                 if resp.code == 250:
+                    conn.dirty = False
                     return conn
             except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
                 pass
@@ -564,6 +629,8 @@ class SmtpRelay:
         smtp, where = conn.smtp, conn.where
         try:
             await smtp.connect(timeout=self.connect_timeout)
+            if type(smtp.protocol) is SMTPProtocol:
+                smtp.protocol.__class__ = PipeliningProtocol  # same layout, one more behaviour
         except aiosmtplib.SMTPConnectResponseError as exc:
             raise HostFailure(TransientError(
                 f"host {where.host} refused to talk to me: {one_line(exc.message)}",
@@ -657,7 +724,8 @@ class SmtpRelay:
     async def _transaction(self, conn: Connection, env: Envelope, message: MessageSource,
                            rcpts: list[Recipient]) -> tuple[list[RcptResult], bool]:
         """(results, connection reusable). Raises HostFailure before any
-        recipient has an answer."""
+        recipient has an answer, StaleConnection when a reused connection
+        turns out closed before MAIL was answered."""
         where = conn.where
         utf8 = needs_smtputf8(env, rcpts)
         if conn.max_size and message.size > conn.max_size:
@@ -669,33 +737,112 @@ class SmtpRelay:
                                  "for this message", 553, "5.6.7")
             return [result_from_error(r.address, err, where) for r in rcpts], True
         enc = "utf-8" if utf8 else "ascii"
+        mail = b" ".join((b"MAIL FROM:<" + env.sender.encode(enc) + b">",
+                          *self._mail_options(conn, env, message, utf8)))
+        rcpt_cmds = [b" ".join((b"RCPT TO:<" + r.address.encode(enc) + b">",
+                                *self._rcpt_options(conn, r))) for r in rcpts]
+        pipelined = conn.pipelining
+        conn.dirty = True  # until a DATA completes
+        lost = None  # what ended a pipelined group early
         try:
-            resp = await self._command(conn, b"MAIL", b"FROM:<" + env.sender.encode(enc) + b">",
-                                       *self._mail_options(conn, env, message, utf8))
-            if 400 <= resp.code < 500 or resp.code < 200:
+            if pipelined:
+                replies, lost = await self._group(conn, [mail, *rcpt_cmds, b"DATA"])
+            else:
+                replies = [await self._command(conn, mail)]
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ValueError) as exc:
+            conn.smtp.close()
+            if conn.reused and isinstance(exc, (aiosmtplib.SMTPServerDisconnected,
+                                                ConnectionError)):
+                raise StaleConnection() from None
+            raise HostFailure(_session_error(exc, where)) from None
+        resp = replies[0]
+        if resp.code == 421 and conn.reused:
+            conn.smtp.close()
+            raise StaleConnection()
+        if resp.code < 200 or resp.code >= 400:
+            if pipelined and len(replies) == len(rcpts) + 2 and replies[-1].code == 354:
+                await self._empty_data(conn)
+            if resp.code < 500:
                 raise HostFailure(TransientError(
                     f"{where.host} said after MAIL FROM: {one_line(resp.message)}",
-                    resp.code, status_of(resp.code, resp.message)))
-            if resp.code >= 500:
-                return [result_for(r.address, resp.code, resp.message, where)
-                        for r in rcpts], conn.alive
-            results: dict[str, RcptResult] = {}
-            accepted: list[Recipient] = []
-            for r in rcpts:
-                resp = await self._command(conn, b"RCPT", b"TO:<" + r.address.encode(enc) + b">",
-                                           *self._rcpt_options(conn, r))
+                    resp.code, status_of(resp.code, reply_text(resp.code, resp.message))))
+            return [result_for(r.address, resp.code, resp.message, where)
+                    for r in rcpts], conn.alive
+        if pipelined and len(replies) <= len(rcpts):
+            # Lost before every RCPT was answered: as unpipelined, the host failed.
+            conn.smtp.close()
+            raise HostFailure(_session_error(lost, where))
+        results: dict[str, RcptResult] = {}
+        accepted: list[Recipient] = []
+        try:
+            for i, r in enumerate(rcpts):
+                resp = replies[i + 1] if pipelined else await self._command(conn, rcpt_cmds[i])
                 results[r.address] = result_for(r.address, resp.code, resp.message, where)
                 if 200 <= resp.code < 300:
                     accepted.append(r)
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ValueError) as exc:
             conn.smtp.close()
             raise HostFailure(_session_error(exc, where)) from None
+        # DATA's pipelined reply, or what kept it from coming; None: not sent yet.
+        data_resp = (replies[-1] if len(replies) == len(rcpts) + 2 else lost) \
+            if pipelined else None
         if not accepted:
+            if isinstance(data_resp, aiosmtplib.SMTPResponse) and data_resp.code == 354:
+                await self._empty_data(conn)
             return [results[r.address] for r in rcpts], conn.alive
-        code, text, reusable = await self._data(conn, message)
+        code, text, reusable = await self._data(conn, message, data_resp)
         for r in accepted:
             results[r.address] = result_for(r.address, code, text, where)
         return [results[r.address] for r in rcpts], reusable
+
+    async def _group(self, conn: Connection, commands: list[bytes]) -> tuple[list, Exception | None]:
+        """RFC 2920: write ``commands`` at once, read their replies in
+        order: (replies, None), or (the replies read, the error that ended
+        the group early: the connection is then closed). Raises when not
+        even the first reply could be read. After a 421 (the server
+        closes) the rest are not read."""
+        for command in commands:
+            if COMMAND_INJECTION_REGEX.search(command):
+                raise ValueError("Command arg contains a prohibited control character")
+        protocol = conn.smtp.protocol
+        if protocol is None or protocol._command_lock is None:
+            raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+        replies: list = []
+        async with protocol._command_lock:
+            protocol.owed = len(commands)
+            try:
+                protocol._response_pending = True
+                protocol.write(b"\r\n".join(commands) + b"\r\n")
+                for _ in commands:
+                    try:
+                        resp = await protocol.read_response(timeout=self.command_timeout)
+                    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+                        if not replies:
+                            raise
+                        conn.smtp.close()
+                        return replies, exc
+                    protocol.owed -= 1
+                    replies.append(resp)
+                    if resp.code == 421 and protocol.owed:
+                        conn.smtp.close()
+                        return replies, aiosmtplib.SMTPServerDisconnected(
+                            f"{resp.code} {resp.message}")
+            finally:
+                protocol.owed = 0
+        return replies, None
+
+    async def _empty_data(self, conn: Connection) -> None:
+        """354 although no recipient was accepted: RFC 2920 §3.1 says send
+        a lone dot (an empty message the server then rejects)."""
+        protocol = conn.smtp.protocol
+        if protocol is None:
+            return
+        try:
+            protocol._response_pending = True
+            protocol.write(b".\r\n")
+            await protocol.read_response(timeout=self.data_timeout)
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+            conn.smtp.close()
 
     async def _command(self, conn: Connection, *args: bytes):
         return await conn.smtp.execute_command(*args, timeout=self.command_timeout)
@@ -725,11 +872,16 @@ class SmtpRelay:
             opts.append(b"ORCPT=" + r.orcpt.encode("ascii", "replace"))
         return opts
 
-    async def _data(self, conn: Connection, message: MessageSource) -> tuple[int, str, bool]:
-        """Send DATA and stream the message; (code, reply text, reusable)."""
+    async def _data(self, conn: Connection, message: MessageSource,
+                    resp=None) -> tuple[int, str, bool]:
+        """Send DATA (unless ``resp`` is its pipelined reply, or the error
+        reading it) and stream the message; (code, reply text, reusable)."""
         smtp, where = conn.smtp, conn.where
         try:
-            resp = await self._command(conn, b"DATA")
+            if resp is None:
+                resp = await self._command(conn, b"DATA")
+            elif isinstance(resp, BaseException):
+                raise resp
             if resp.code != 354:
                 return resp.code, resp.message, conn.alive
             protocol = smtp.protocol
@@ -743,6 +895,7 @@ class SmtpRelay:
             protocol._response_pending = True
             protocol.write(stuffer.finish())
             resp = await protocol.read_response(timeout=self.data_timeout)
+            conn.dirty = False  # RFC 5321 §4.1.1.4: the transaction is over
             return resp.code, resp.message, conn.alive
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
             smtp.close()

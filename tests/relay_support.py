@@ -173,6 +173,14 @@ class Sink:
     messages: list[Received] = field(default_factory=list)
     connections: int = 0
     data_delay: float = 0.0  # seconds to wait before answering DATA
+    pipelining: bool = False  # offer PIPELINING (RFC 2920) in the EHLO reply
+    # the Nth MAIL on each connection (1 = the first) gets 421 and the
+    # connection is closed, as a server's idle timeout would
+    drop_at_mail: int = 0
+    commands: list[str] = field(default_factory=list)  # verbs, in order
+    # per MAIL: were more commands already waiting (sent without waiting
+    # for the MAIL reply, i.e. pipelined)?
+    pipelined: list[bool] = field(default_factory=list)
 
     def start(self) -> "Sink":
         from aiosmtpd.controller import Controller
@@ -183,6 +191,21 @@ class Sink:
             self.port = support.free_port(self.host)
 
         class Handler:
+            async def handle_EHLO(self, server, session, envelope, hostname, responses):
+                session.host_name = hostname
+                if sink.pipelining:
+                    responses.insert(1, "250-PIPELINING")
+                return responses
+
+            async def handle_MAIL(self, server, session, envelope, address, mail_options):
+                server.mails += 1
+                if server.mails == sink.drop_at_mail:
+                    asyncio.get_running_loop().call_soon(server.transport.close)
+                    return "421 4.4.2 sink.test closing: idle too long"
+                envelope.mail_from = address
+                envelope.mail_options.extend(mail_options)
+                return "250 OK"
+
             async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
                 reply = sink.rules.get(address, sink.rules.get("*"))
                 if reply and not reply.startswith("2"):
@@ -203,6 +226,24 @@ class Sink:
 
         class CountingSMTP(SMTP):
             conn_no = 0
+            mails = 0
+
+            async def smtp_MAIL(self, arg):
+                sink.commands.append("MAIL")
+                sink.pipelined.append(bool(self._reader._buffer))
+                await super().smtp_MAIL(arg)
+
+            async def smtp_RCPT(self, arg):
+                sink.commands.append("RCPT")
+                await super().smtp_RCPT(arg)
+
+            async def smtp_DATA(self, arg):
+                sink.commands.append("DATA")
+                await super().smtp_DATA(arg)
+
+            async def smtp_RSET(self, arg):
+                sink.commands.append("RSET")
+                await super().smtp_RSET(arg)
 
             def connection_made(self, transport):
                 if self._original_transport is None and not self.conn_no:

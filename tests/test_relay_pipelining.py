@@ -1,0 +1,217 @@
+"""Round trips of the SMTP client (msa.relay): RFC 2920 PIPELINING when the
+server offers it, and no RSET between completed transactions on a reused
+connection (RFC 5321 §4.1.1.4), against aiosmtpd sinks and Postfix
+smtp-sink on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from msa.relay import BytesMessage
+from tests.relay_support import Sink, run_async, start_smtp_sink, stop_smtp_sink
+from tests.test_relay import MSG, attempt_and_close, envelope, relay_to
+
+MIXED = {"ok@x.test": "250 2.1.5 fine",
+         "busy@x.test": "450 4.2.1 mailbox busy",
+         "gone@x.test": "550 5.1.1 no such user"}
+
+
+@pytest.fixture(params=[True, False], ids=["pipelining", "plain"])
+def any_sink(request):
+    s = Sink(pipelining=request.param).start()
+    yield s
+    s.stop()
+
+
+def outcome(results):
+    return [(r.address, r.state, r.status, r.reply) for r in results]
+
+
+def test_pipelines_mail_rcpt_data_when_offered():
+    s = Sink(pipelining=True).start()
+    try:
+        results = run_async(attempt_and_close(relay_to(s), envelope("a@x.test", "b@x.test")))
+        assert [r.state for r in results] == ["sent", "sent"]
+        (got,) = s.wait_messages(1)
+        assert got.rcpt_tos == ["a@x.test", "b@x.test"] and got.data.endswith(b"hello\r\n")
+        assert s.pipelined == [True]
+        assert s.commands == ["MAIL", "RCPT", "RCPT", "DATA"]
+    finally:
+        s.stop()
+
+
+def test_no_pipelining_when_not_offered():
+    s = Sink(pipelining=False).start()
+    try:
+        results = run_async(attempt_and_close(relay_to(s), envelope("a@x.test", "b@x.test")))
+        assert [r.state for r in results] == ["sent", "sent"]
+        s.wait_messages(1)
+        assert s.pipelined == [False]
+    finally:
+        s.stop()
+
+
+def test_pipelined_mixed_replies_same_as_unpipelined():
+    rcpts = ("ok@x.test", "busy@x.test", "gone@x.test", "other@x.test")
+    got = {}
+    for pipelining in (True, False):
+        s = Sink(pipelining=pipelining, rules=MIXED).start()
+        try:
+            got[pipelining] = outcome(run_async(attempt_and_close(relay_to(s),
+                                                                  envelope(*rcpts))))
+            assert s.wait_messages(1)[0].rcpt_tos == ["ok@x.test", "other@x.test"]
+            assert s.pipelined == [pipelining]
+        finally:
+            s.stop()
+    assert got[True] == got[False]
+    assert [(a, st, code) for a, st, code, _ in got[True]] == [
+        ("ok@x.test", "sent", "2.0.0"), ("busy@x.test", "deferred", "4.2.1"),
+        ("gone@x.test", "failed", "5.1.1"), ("other@x.test", "sent", "2.0.0")]
+    assert got[True][1][3] == "450 4.2.1 mailbox busy"
+
+
+def test_pipelined_no_recipient_accepted_then_rset_and_next_message(any_sink):
+    """No RCPT accepted: the pipelined DATA is refused (aiosmtpd: 503) and no
+    message is sent; the aborted transaction is reset before the next one,
+    which goes over the same connection."""
+    any_sink.rules.update(MIXED)
+
+    async def go():
+        relay = relay_to(any_sink, max_connections_per_domain=1)
+        try:
+            first = await relay.attempt(envelope("busy@x.test", "gone@x.test"),
+                                        BytesMessage(MSG))
+            second = await relay.attempt(envelope("ok@x.test"), BytesMessage(MSG))
+            return first, second
+        finally:
+            await relay.close()
+    first, second = run_async(go())
+    assert [(r.state, r.reply) for r in first] == [
+        ("deferred", "450 4.2.1 mailbox busy"), ("failed", "550 5.1.1 no such user")]
+    assert second[0].state == "sent"
+    (msg,) = any_sink.wait_messages(1)
+    assert msg.rcpt_tos == ["ok@x.test"]
+    assert any_sink.connections == 1
+    assert any_sink.commands.count("RSET") == 1
+    assert any_sink.commands.index("RSET") == any_sink.commands.index("MAIL", 1) - 1
+
+
+def test_five_messages_one_connection_no_rset(any_sink):
+    async def go():
+        relay = relay_to(any_sink, max_connections_per_domain=1)
+        try:
+            return [await relay.attempt(envelope(f"r{i}@x.test"), BytesMessage(MSG))
+                    for i in range(5)]
+        finally:
+            await relay.close()
+    results = run_async(go())
+    assert [r[0].state for r in results] == ["sent"] * 5
+    assert [m.rcpt_tos for m in any_sink.wait_messages(5)] == [[f"r{i}@x.test"] for i in range(5)]
+    assert any_sink.connections == 1
+    assert "RSET" not in any_sink.commands
+    assert any_sink.commands.count("MAIL") == 5
+
+
+def test_reused_connection_closed_by_server_is_replaced(any_sink):
+    """The second MAIL on a pooled connection gets 421 and the server hangs
+    up (its idle timeout): the message goes out on a fresh connection
+    instead of being deferred."""
+    any_sink.drop_at_mail = 2
+
+    async def go():
+        relay = relay_to(any_sink, max_connections_per_domain=1)
+        try:
+            first = await relay.attempt(envelope("a@x.test"), BytesMessage(MSG))
+            second = await relay.attempt(envelope("b@x.test"), BytesMessage(MSG))
+            return first, second, relay.pool.opened
+        finally:
+            await relay.close()
+    first, second, opened = run_async(go())
+    assert (first[0].state, second[0].state) == ("sent", "sent")
+    assert [m.rcpt_tos for m in any_sink.wait_messages(2)] == [["a@x.test"], ["b@x.test"]]
+    assert opened == 2 and any_sink.connections == 2
+
+
+def test_fresh_connection_421_to_mail_still_defers(any_sink):
+    any_sink.drop_at_mail = 1
+    results = run_async(attempt_and_close(relay_to(any_sink), envelope("a@x.test")))
+    assert (results[0].state, results[0].status) == ("deferred", "4.4.2"), results[0].reply
+    assert "421" in results[0].reply
+    assert any_sink.connections == 1 and not any_sink.messages
+
+
+def test_pipelining_against_postfix_smtp_sink(tmp_path):
+    """smtp-sink offers PIPELINING; several messages with several
+    recipients over one connection all arrive intact."""
+    proc, port, dump = start_smtp_sink()
+    try:
+        s = Sink(port=port)  # only for relay_to's host and port
+
+        async def go():
+            relay = relay_to(s, max_connections_per_domain=1)
+            try:
+                out = []
+                for i in range(3):
+                    out.append(await relay.attempt(envelope(f"a{i}@x.test", f"b{i}@x.test"),
+                                                   BytesMessage(MSG)))
+                return out, relay.pool.opened
+            finally:
+                await relay.close()
+        results, opened = run_async(go())
+        assert [r.state for rs in results for r in rs] == ["sent"] * 6
+        assert opened == 1
+        from tests import support
+        support.wait_for(lambda: len(list(dump.iterdir())) == 3, what="3 dumped messages")
+        for f in dump.iterdir():  # smtp-sink writes LF line ends
+            data = f.read_bytes()
+            assert b"Subject: t\n\nhello\n" in data and data.count(b"X-Rcpt-Args:") == 2
+    finally:
+        stop_smtp_sink(proc, dump)
+
+
+def test_pipelined_replies_split_across_reads_are_kept():
+    """A server that writes the replies of a pipelined group in pieces: two
+    in one segment, one cut in the middle, then the rest; every reply
+    still pairs with its command."""
+    from tests import support
+
+    replies = [b"250 2.1.0 sender ok\r\n", b"250 2.1.5 first ok\r\n",
+               b"550 5.1.1 second unknown\r\n", b"250 2.1.5 third ok\r\n",
+               b"354 go ahead\r\n"]
+    port = support.free_port()
+    seen = []
+
+    async def serve(reader, writer):
+        writer.write(b"220 slow.test ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-slow.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+        for _ in range(5):
+            seen.append((await reader.readline()).split(b":")[0].split(b" ")[0].strip())
+        blob = b"".join(replies)
+        cut = len(replies[0] + replies[1])
+        # all commands were read before any reply
+        for piece in (blob[:cut], blob[cut:cut + 6], blob[cut + 6:]):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        while (await reader.readline()) != b".\r\n":
+            pass
+        writer.write(b"250 2.0.0 queued\r\n")
+        await reader.readline()
+        writer.write(b"221 bye\r\n")
+        writer.close()
+
+    async def go():
+        server = await asyncio.start_server(serve, "127.0.0.1", port)
+        try:
+            relay = relay_to(Sink(port=port), command_timeout=5)
+            return await attempt_and_close(relay, envelope("a@x.test", "b@x.test", "c@x.test"))
+        finally:
+            server.close()
+    results = run_async(go())
+    assert seen == [b"MAIL", b"RCPT", b"RCPT", b"RCPT", b"DATA"]
+    assert [(r.state, r.reply) for r in results] == [
+        ("sent", "250 2.0.0 queued"), ("failed", "550 5.1.1 second unknown"),
+        ("sent", "250 2.0.0 queued")]
