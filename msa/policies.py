@@ -42,9 +42,16 @@ def rfc5322_date(env: Envelope) -> str:
     return _rfc5322_date(env.arrival)
 
 
-@functools.lru_cache(maxsize=64)
 def _rfc5322_date(arrival: str) -> str:
-    # Received and Date of one message format the same arrival time.
+    # The date has whole seconds: the messages of one second (and the
+    # Received and Date of one message) share one formatting.
+    if queuefile._ISO_UTC.fullmatch(arrival):
+        arrival = arrival[:19] + ".000000Z"
+    return _format_date(arrival)
+
+
+@functools.lru_cache(maxsize=64)
+def _format_date(arrival: str) -> str:
     return email.utils.format_datetime(_arrival(Envelope(arrival=arrival)))
 
 
