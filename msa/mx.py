@@ -26,6 +26,7 @@ exception means (chasquid's habit); everything else maps its outcome to an
 from __future__ import annotations
 
 import asyncio
+import functools
 import enum
 import ipaddress
 import random
@@ -136,8 +137,10 @@ def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
     return host, int(port) if port else default_port
 
 
+@functools.lru_cache(maxsize=1024)
 def ip_literal(host: str) -> str | None:
-    """The address if ``host`` is an IP literal (``[IPv6:...]`` allowed)."""
+    """The address if ``host`` is an IP literal (``[IPv6:...]`` allowed).
+    Cached: asked for every host of every message."""
     h = host.strip("[]")
     if h[:5].lower() == "ipv6:":
         h = h[5:]

@@ -248,6 +248,7 @@ class Connection:
         self.idle_handle: asyncio.TimerHandle | None = None
         self.dropped = False  # its slot in the pool was given back
         self.reused = False   # taken from the pool for this transaction
+        self.last_used = 0.0  # loop time it went back to the pool
         self.dirty = False    # a transaction was aborted: RSET before the next
 
     def supports(self, ext: str) -> bool:
@@ -292,9 +293,10 @@ class ConnectionPool:
             conn = conns.pop()
             if not conns:
                 del self.idle[key]
-            self._cancel_idle(conn)
+            # Its idle timer stays armed: _expire ignores a connection in use.
             if conn.alive:
                 return conn
+            self._cancel_idle(conn)
             self._drop(conn)
         return None
 
@@ -329,7 +331,10 @@ class ConnectionPool:
     def put(self, conn: Connection) -> None:
         self.idle.setdefault(conn.key, []).append(conn)
         loop = asyncio.get_running_loop()
-        conn.idle_handle = loop.call_later(self.idle_timeout, self._expire, conn)
+        conn.last_used = loop.time()
+        if conn.idle_handle is None:
+            conn.idle_handle = loop.call_at(conn.last_used + self.idle_timeout,
+                                            self._expire, conn)
         # Someone waits for room: an idle connection can be closed for it.
         self._wake_one()
 
@@ -353,12 +358,21 @@ class ConnectionPool:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
     def _expire(self, conn: Connection) -> None:
+        """The idle timer: close ``conn`` if unused for ``idle_timeout``.
+        One timer per connection, re-armed here for the time left rather
+        than cancelled and armed again by every transaction; a connection
+        in use is left alone (put() arms the timer again)."""
+        conn.idle_handle = None
         conns = self.idle.get(conn.key, [])
         if conn in conns:
+            loop = asyncio.get_running_loop()
+            due = conn.last_used + self.idle_timeout
+            if due > loop.time():
+                conn.idle_handle = loop.call_at(due, self._expire, conn)
+                return
             conns.remove(conn)
             if not conns:
                 del self.idle[conn.key]
-            conn.idle_handle = None
             self.discard(conn)
 
     def _evict_oldest(self) -> bool:
@@ -518,9 +532,13 @@ class SmtpRelay:
                 continue
             dest = self.destination(domain.lower())
             groups.setdefault(dest.key, (dest, []))[1].append(i)
-        done = await asyncio.gather(*(
-            self._deliver_to(envelope, message, dest, [rcpts[i] for i in idx])
-            for dest, idx in groups.values()))
+        if len(groups) == 1:  # the usual case: no task for a gather of one
+            ((dest, idx),) = groups.values()
+            done = [await self._deliver_to(envelope, message, dest, [rcpts[i] for i in idx])]
+        else:
+            done = await asyncio.gather(*(
+                self._deliver_to(envelope, message, dest, [rcpts[i] for i in idx])
+                for dest, idx in groups.values()))
         for (_, idx), part in zip(groups.values(), done):
             for i, res in zip(idx, part):
                 results[i] = res

@@ -364,10 +364,11 @@ class Runner:
         now = self.clock()
         self.delivered_attempts += 1
         failed: list[tuple[Recipient, RcptResult, str]] = []
+        logging_info = log.isEnabledFor(logging.INFO)
         for rcpt, res in zip(todo, results):
             rcpt.state, rcpt.reply = res.state, res.reply
-            word = {"sent": "sent", "failed": "bounced", "deferred": "deferred"}[res.state]
-            _log_result(qid, res, now - arrival, word)
+            if logging_info:
+                _log_result(qid, res, now - arrival)
             if res.state == "failed":
                 failed.append((rcpt, res, res.status))
         deferred = [(r, res) for r, res in zip(todo, results) if r.state == "deferred"]
@@ -379,7 +380,10 @@ class Runner:
                          now - arrival, res.reply)
                 failed.append((rcpt, res, "4.4.7"))
             deferred = []
-        self._record(env, results, attempt, start, now)
+        if failed or deferred:
+            # What the file (a deferral) or a DSN (a bounce) will say; a
+            # message delivered to all is removed, its record unread.
+            self._record(env, results, attempt, start, now)
         if failed:
             await self._bounce(env, f, offset, qid, failed, arrival, now)
         if deferred:
@@ -420,7 +424,8 @@ class Runner:
         if sync is None:
             sync = self._dir_syncs[directory] = GroupSync(directory)
         await sync.sync()
-        log.info("%s: removed", qid)
+        if log.isEnabledFor(logging.INFO):
+            _info(qid + ": removed")
 
     def _rewrite_and_defer(self, claim, f, env: Envelope, offset: int, due: float,
                            attempt: int) -> None:
@@ -525,7 +530,18 @@ def _parse_utc(text: str) -> float:
     return parse_iso(text)
 
 
-def _log_result(qid: str, res: RcptResult, delay: float, word: str) -> None:
-    log.info("%s: to=<%s>, relay=%s, delay=%.1f, tls=%s, dsn=%s, status=%s (%s)",
-             qid, res.address, res.relay, delay, res.tls or "none", res.status, word,
-             res.reply)
+_WORD = {"sent": "sent", "failed": "bounced", "deferred": "deferred"}
+
+
+def _info(text: str) -> None:
+    """One INFO line, formatted already: the per-message lines skip
+    ``Logger._log``'s caller lookup (a stack walk) and %-formatting of
+    arguments; the caller checks ``log.isEnabledFor(logging.INFO)``."""
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, text, None, None))
+
+
+def _log_result(qid: str, res: RcptResult, delay: float) -> None:
+    """The Postfix-style line of one recipient (``status=sent|bounced|deferred``)."""
+    _info(f"{qid}: to=<{res.address}>, relay={res.relay}, delay={delay:.1f}, "
+          f"tls={res.tls or 'none'}, dsn={res.status}, status={_WORD[res.state]} "
+          f"({res.reply})")

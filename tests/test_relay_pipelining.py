@@ -215,3 +215,27 @@ def test_pipelined_replies_split_across_reads_are_kept():
     assert [(r.state, r.reply) for r in results] == [
         ("sent", "250 2.0.0 queued"), ("failed", "550 5.1.1 second unknown"),
         ("sent", "250 2.0.0 queued")]
+
+
+def test_idle_timer_counts_from_the_last_use(any_sink):
+    """The idle timer is armed once and re-armed for the time left: a
+    connection used again and again stays open past one idle_timeout from
+    its first use, and closes once it has been idle that long."""
+    async def go():
+        relay = relay_to(any_sink, idle_timeout=1.0, max_connections_per_domain=1)
+        try:
+            for i in range(5):  # 1.2 s or more from the first use to the last
+                await relay.attempt(envelope(f"r{i}@x.test"), BytesMessage(MSG))
+                await asyncio.sleep(0.3)
+            busy_opened = relay.pool.opened
+            for _ in range(100):
+                if relay.pool.open == 0:
+                    return busy_opened, True
+                await asyncio.sleep(0.05)
+            return busy_opened, False
+        finally:
+            await relay.close()
+    opened, closed = run_async(go())
+    assert opened == 1 and any_sink.connections == 1
+    assert closed
+    assert len(any_sink.wait_messages(5)) == 5
