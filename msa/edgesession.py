@@ -318,10 +318,21 @@ class SmtpSession(SMTP):
         if status[:1] in ("4", "5"):
             self._errors += 1
             log.info("reject: %s from %s: %s", self._command, self._client(), status)
-        await super().push(status)
+        await self._send(status)
 
     async def _push_raw(self, line: str) -> None:
-        await SMTP.push(self, line)
+        await self._send(line)
+
+    async def _send(self, text: str) -> None:
+        """aiosmtpd's ``push`` (UTF-8: SMTPUTF8 is on) without a drain
+        coroutine per reply: the writer is awaited only when
+        ``StreamWriter.drain`` would do more than return (writing paused
+        by flow control, connection lost or closing, a reader error)."""
+        writer = self._writer
+        writer.write(text.encode() + b"\r\n")
+        if (self._paused or self._connection_lost or writer.transport.is_closing()
+                or self._reader.exception() is not None):
+            await writer.drain()
 
     _command = ""
 
@@ -466,9 +477,9 @@ class SmtpSession(SMTP):
             lines.append("STARTTLS")
         if self._tls_active() and self.settings.auth is not None:
             lines.append("AUTH PLAIN LOGIN")
-        for line in lines[:-1]:
-            await self._push_raw(f"250-{line}")
-        await self._push_raw(f"250 {lines[-1]}")
+        # One write for the whole reply (RFC 5321 §4.2.1 multiline).
+        await self._push_raw("\r\n".join([*(f"250-{line}" for line in lines[:-1]),
+                                           f"250 {lines[-1]}"]))
 
     async def smtp_QUIT(self, arg: str | None) -> None:
         await super().smtp_QUIT(arg)

@@ -52,6 +52,7 @@ log = logging.getLogger("spool")
 
 FIXED_DIRS = ("tmp", "deferred", "hold", "corrupt", "claims")
 STALE_TMP_SECONDS = 86400
+WRITE_BUFFER = 65536
 _counter = itertools.count()
 _counter_lock = threading.Lock()
 
@@ -120,6 +121,12 @@ def _syncfs(path: str) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    with memoryview(data) as view:
+        while view:
+            view = view[os.write(fd, view):]
+
+
 def _full(exc: OSError) -> SpoolError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):
         return SpoolFull(f"cannot write queue file: {os.strerror(exc.errno)}")
@@ -140,19 +147,36 @@ class Writer:
         self.tmp_path = f"{spool.root_s}/tmp/{qid}.{os.getpid()}"
         self.size = 0
         try:
-            fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                         | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+            self.fd: int | None = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                          | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         except OSError as exc:
             raise _full(exc) from exc
-        self.file: BinaryIO | None = os.fdopen(fd, "wb", buffering=65536)
+        # Small writes are gathered (copied: a caller may reuse its
+        # buffer) and written with one writev(2); no file object.
+        self._pending: list[bytes] = []
+        self._pending_size = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
         try:
-            self.file.write(data)
+            if self._pending_size + n > WRITE_BUFFER:
+                self._flush()
+            if n >= WRITE_BUFFER:
+                _write_all(self.fd, data)
+            else:
+                self._pending.append(bytes(data))
+                self._pending_size += n
         except OSError as exc:
             self.abort()
             raise _full(exc) from exc
-        self.size += len(data)
+        self.size += n
+
+    def _flush(self) -> None:
+        if self._pending:
+            pending, self._pending, self._pending_size = self._pending, [], 0
+            written = os.writev(self.fd, pending)
+            if written < sum(len(p) for p in pending):
+                _write_all(self.fd, memoryview(b"".join(pending))[written:])
 
     def commit(self, sync_dir: bool = True) -> str:
         """fsync the data, rename into the stage, fsync the stage directory.
@@ -162,10 +186,10 @@ class Writer:
         """
         dest = self.spool.fspath(self.stage, self.qid)
         try:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-            self.file = None
+            self._flush()
+            os.fsync(self.fd)
+            fd, self.fd = self.fd, None
+            os.close(fd)
             if self.mtime is not None:
                 os.utime(self.tmp_path, (self.mtime, self.mtime))
             if not self.replace and os.path.lexists(dest):
@@ -182,12 +206,13 @@ class Writer:
         return self.qid
 
     def abort(self) -> None:
-        if self.file is not None:
+        self._pending = []
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
             try:
-                self.file.close()
+                os.close(fd)
             except OSError:
                 pass
-            self.file = None
         try:
             os.unlink(self.tmp_path)
         except FileNotFoundError:
@@ -197,7 +222,7 @@ class Writer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.file is not None or (exc_type is not None):
+        if self.fd is not None or (exc_type is not None):
             self.abort()
 
 
