@@ -110,6 +110,13 @@ def read_header_section(pieces: Iterator[bytes],
     return section
 
 
+def from_field(sender: str, full_name: str = "") -> bytes:
+    """The ``From:`` field for local mail that has none (RFC 5322 §3.6.2
+    requires one; Postfix's cleanup adds it the same way for sendmail)."""
+    from email.utils import formataddr
+    return f"From: {formataddr((full_name, sender))}\r\n".encode("utf-8")
+
+
 def drop_fields(fields: list[bytes], names: frozenset[str] = DROP_ALWAYS) -> list[bytes]:
     return [f for f in fields if field_name(f) not in names]
 

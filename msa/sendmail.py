@@ -43,7 +43,8 @@ from spool import Spool, SpoolError, SpoolFull, SpoolUnavailable
 from . import config, queuefile, sysexits
 from .bsmtp import MAX_COMMAND_LINE, LocalSmtp, Reply
 from .errors import AddressError
-from .headers import HeaderTooLarge, extract_recipients, normalize_address, read_header_section
+from .headers import (HeaderTooLarge, extract_recipients, field_name, from_field,
+                      normalize_address, read_header_section)
 from .mailq import list_queue
 from .queuecmd import flush_command
 from .queuefile import Envelope
@@ -165,6 +166,11 @@ def login_user() -> pwd.struct_passwd:
         raise Failure(f"no login name for uid {os.getuid()}", sysexits.EX_OSERR) from None
 
 
+def gecos_name(user: pwd.struct_passwd) -> str:
+    """The full name from the passwd GECOS field (its first comma part)."""
+    return user.pw_gecos.split(",", 1)[0].strip()
+
+
 def qualify_all(addresses: Iterable[str], domain: str) -> list[str]:
     """Normalised, without duplicates, in order; AddressError on a bad one."""
     seen, out = set(), []
@@ -224,6 +230,9 @@ def submit(cfg: config.Config, opts: Options, user: pwd.struct_passwd,
         if not recipients:
             raise Failure("no recipients found in the message headers", sysexits.EX_USAGE)
     env = new_envelope(user, sender, opts.full_name)
+    if sender and not any(field_name(f) == "from" for f in section.fields):
+        name = opts.full_name if opts.full_name is not None else gecos_name(user)
+        section.fields.insert(0, from_field(sender, name))
     env.body, env.ret, env.envid = opts.body, opts.ret, opts.envid
     add_recipients(env, recipients, notify=opts.notify)
     return deposit(spool, env, itertools.chain([section.to_bytes()], pieces),

@@ -171,12 +171,13 @@ def test_t_to_cc_bcc_are_recipients_and_bcc_is_removed(cfg):
 
 
 def test_bcc_and_friends_dropped_without_t(cfg):
-    msg = b"Return-Path: <evil@x>\nBcc: b@x.test\nContent-Length: 3\nSubject: s\n\nbody\n"
+    msg = (b"Return-Path: <evil@x>\nBcc: b@x.test\nContent-Length: 3\nFrom: a@x.test\n"
+           b"Subject: s\n\nbody\n")
     r = ss.sendmail(["-i", "r@x.test"], msg, cfg)
     assert r.returncode == 0, r.stderr
     q = ss.only_message(cfg)
     assert q.recipients() == ["r@x.test"]
-    assert q.message == b"Subject: s\r\n\r\nbody\r\n"
+    assert q.message == b"From: a@x.test\r\nSubject: s\r\n\r\nbody\r\n"
 
 
 def test_resent_headers_select_resent_recipients(cfg):
@@ -197,9 +198,9 @@ def test_lone_dot_with_and_without_i(cfg):
 
 
 def test_from_line_stripped_and_bare_lf_made_crlf(cfg):
-    msg = b"From alice@x.test Sun Nov 29 10:59:15 2026\nSubject: lf\n\na\nb\r\nc"
+    msg = b"From alice@x.test Sun Nov 29 10:59:15 2026\nFrom: a@x.test\nSubject: lf\n\na\nb\r\nc"
     assert ss.sendmail(["-i", "r@x.test"], msg, cfg).returncode == 0
-    assert ss.only_message(cfg).message == b"Subject: lf\r\n\r\na\r\nb\r\nc\r\n"
+    assert ss.only_message(cfg).message == b"From: a@x.test\r\nSubject: lf\r\n\r\na\r\nb\r\nc\r\n"
 
 
 def test_envelope_options(cfg):
@@ -331,7 +332,7 @@ def test_50mb_message_streams_with_bounded_memory(cfg, tmp_path):
     count = 50 * 1024 * 1024 // len(line)
     big = tmp_path / "big.eml"
     with open(big, "wb") as f:
-        f.write(b"Subject: big\n\n")
+        f.write(b"From: a@x.test\nSubject: big\n\n")
         for _ in range(count // 1000):
             f.write(line * 1000)
     with open(big, "rb") as stdin:
@@ -344,7 +345,7 @@ def test_50mb_message_streams_with_bounded_memory(cfg, tmp_path):
         from msa import queuefile
         env, offset = queuefile.read_envelope(f)
         queuefile.check_size(f, env, offset)
-    assert int(env.size) == len(b"Subject: big\r\n\r\n") + (count // 1000) * 1000 * 77
+    assert int(env.size) == len(b"From: a@x.test\r\nSubject: big\r\n\r\n") + (count // 1000) * 1000 * 77
     print(f"sendmail 50 MB message: peak RSS {peak_mb:.1f} MB")
     assert peak_mb < 60, f"peak RSS {peak_mb:.1f} MB: the message is being held in memory"
 
@@ -450,3 +451,21 @@ def test_maildrop_files_take_the_daemon_group(tmp_path):
         assert stat.S_IMODE(st.st_mode) == 0o3733
     qid = sp.deposit("maildrop", b"x")
     assert sp.path("maildrop", qid).stat().st_gid == group.gr_gid
+
+
+def test_local_mail_without_from_gets_one(tmp_path, ca):
+    """Like Postfix's cleanup: a message from sendmail with no From: header
+    gets one naming the envelope sender and the -F full name."""
+    from tests.support import run_sendmail, write_config
+    cfg = write_config(tmp_path, ca)
+    r = run_sendmail(["-i", "-F", "Cron Daemon", "-f", "cron@example.org", "bob@example.net"],
+                     b"Subject: no from\n\nbody\n", cfg)
+    assert r.returncode == 0, r.stderr
+    r2 = run_sendmail(["-i", "-f", "alice@example.org", "bob@example.net"],
+                      b"From: Someone <alice@example.org>\nSubject: has from\n\nbody\n", cfg)
+    assert r2.returncode == 0, r2.stderr
+    files = sorted((tmp_path / "spool" / "maildrop").iterdir())
+    assert len(files) == 2
+    first, second = (f.read_bytes().split(b"\n\n", 1)[1] for f in files)
+    assert first.startswith(b"From: Cron Daemon <cron@example.org>\r\n")
+    assert second.count(b"From:") == 1 and b"From: Someone <alice@example.org>" in second
