@@ -80,8 +80,13 @@ def restart_delay(failures: int) -> float:
 
 
 def edge_workers(setting: int, cpus: int) -> int:
-    """How many edge processes: ``setting``, 0 = one per CPU."""
-    return max(1, setting if setting > 0 else cpus)
+    """How many edge processes: ``setting``; 0 = one per two CPUs (at
+    least one). The watcher and the runner are a process each and take
+    more than half of the CPU a message costs, so edges on every CPU only
+    compete with them: on 2 CPUs one edge process measured better than
+    two at concurrency 1, 10 and 50 (``bench/run.py --edge-workers``; two
+    used about 1.5 times the CPU per message at 10 and 50)."""
+    return max(1, setting if setting > 0 else cpus // 2)
 
 
 def parse_supervised(text: str) -> tuple[int, int]:
