@@ -231,6 +231,15 @@ class PipeliningProtocol(SMTPProtocol):
             else:
                 if response is not None:
                     waiter.set_result(response)
+        if waiter is not None and waiter.done():
+            # Already here (the usual case inside a pipelined group): what
+            # the parent does after its wait, without wait_for's timer and
+            # futures (Python 3.11's wait_for has no shortcut for a done
+            # future).
+            self._response_pending = False
+            self._response_waiter = None if self.transport is None \
+                else self._loop.create_future()
+            return waiter.result()
         return await super().read_response(timeout)
 
 
@@ -909,7 +918,11 @@ class SmtpRelay:
             stuffer = DotStuffer()
             for chunk in message.chunks():
                 protocol.write(stuffer.feed(chunk))
-                await asyncio.wait_for(protocol._drain_helper(), self.data_timeout)
+                if protocol._paused or protocol._connection_lost:
+                    # Above the high-water mark (or gone): wait, bounded.
+                    # Otherwise _drain_helper would return at once, and
+                    # wait_for would still cost a task per chunk.
+                    await asyncio.wait_for(protocol._drain_helper(), self.data_timeout)
             protocol._response_pending = True
             protocol.write(stuffer.finish())
             resp = await protocol.read_response(timeout=self.data_timeout)
