@@ -150,6 +150,9 @@ def ip_literal(host: str) -> str | None:
         return None
 
 
+DNS_CACHE_SIZE = 10000  # answers (an MX set or an address set each)
+
+
 def make_resolver(nameservers: Iterable[str] = (), timeout: float = 10.0
                   ) -> dns.asyncresolver.Resolver:
     """A dnspython async resolver: the system's, or the given servers
@@ -161,6 +164,10 @@ def make_resolver(nameservers: Iterable[str] = (), timeout: float = 10.0
                          for ns in nameservers]
     r.lifetime = timeout
     r.timeout = min(timeout, 5.0)
+    # Answers kept for their TTL (RFC 1035 §3.2.1; RFC 2308 for NXDOMAIN
+    # and NODATA): messages to one domain cost no MX/A/AAAA round trips
+    # each. Failures (SERVFAIL, timeouts) are not cached.
+    r.cache = dns.resolver.LRUCache(DNS_CACHE_SIZE)
     return r
 
 

@@ -209,3 +209,20 @@ def test_against_dnsmasq(tmp_path):
         assert e.value.status == "5.1.2"
     finally:
         proc.stop()
+
+
+def test_answers_are_cached_for_their_ttl_failures_are_not(dnsserver):
+    r = resolver(dnsserver)
+    before = len(dnsserver.queries)  # the server is shared by the module
+
+    async def go():
+        for _ in range(3):
+            hosts = await r.mx("example.test")
+            await r.addresses(hosts[0])
+            with pytest.raises(TransientError):
+                await r.mx("servfail.test")
+    run_async(go())
+    asked = dnsserver.queries[before:]
+    assert asked.count(("example.test", "MX")) == 1
+    assert asked.count(("mx1.example.test", "A")) == 1
+    assert asked.count(("servfail.test", "MX")) >= 3
