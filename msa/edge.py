@@ -168,6 +168,8 @@ class SmtpEdge:
         self._server: asyncio.AbstractServer | None = None
         self._sessions: set[SmtpSession] = set()
         self._drained: asyncio.Event | None = None
+        self._trusted_of: TrustedNetworks | None = None
+        self._trusted_cache: dict[str, bool] = {}
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -233,6 +235,17 @@ class SmtpEdge:
         log.info("reloaded settings for %s", self.describe())
 
     # -- what sessions call -------------------------------------------------
+
+    def is_trusted(self, ip: str) -> bool:
+        """``settings.trusted.contains(ip)``, remembered per address (a
+        client reconnects for every message; reload forgets)."""
+        trusted = self.settings.trusted
+        if self._trusted_of is not trusted or len(self._trusted_cache) > 4096:
+            self._trusted_of, self._trusted_cache = trusted, {}
+        known = self._trusted_cache.get(ip)
+        if known is None:
+            known = self._trusted_cache[ip] = trusted.contains(ip)
+        return known
 
     def _register(self, session: SmtpSession) -> bool:
         if len(self._sessions) >= session.settings.max_connections:

@@ -229,7 +229,7 @@ class SmtpSession(SMTP):
             self._refused = not self.edge._register(self)
             self._registered = not self._refused
         self.session.tls = tlsconf.describe(self.transport.get_extra_info("ssl_object"))
-        self.session.trusted = self.settings.trusted.contains(self.session.client_ip)
+        self.session.trusted = self.edge.is_trusted(self.session.client_ip)
         cls = self.settings.validator_class or SmtpValidators
         self.validators = cls(self.session)
 

@@ -20,6 +20,7 @@ import dataclasses
 import datetime as _dt
 import email.utils
 import functools
+import operator
 import re
 from typing import Iterable
 
@@ -269,14 +270,14 @@ def _run_stages(env: Envelope, headers: HeaderBlock, stages: list[list[Policy]],
     return changed
 
 
-_ENVELOPE_FIELDS = tuple(f.name for f in dataclasses.fields(Envelope)
-                         if f.name not in ("recipients", "history", "extra"))
+_ENVELOPE_FIELDS = operator.attrgetter(*(f.name for f in dataclasses.fields(Envelope)
+                                         if f.name not in ("recipients", "history", "extra")))
 
 
 def _state(env: Envelope) -> tuple:
     """Everything a policy may change in an envelope, to compare (cheaper
     than serialising it)."""
-    return (tuple(getattr(env, name) for name in _ENVELOPE_FIELDS),
+    return (_ENVELOPE_FIELDS(env),
             tuple((r.address, r.state, r.reply, r.notify, r.orcpt) for r in env.recipients),
             tuple(env.history), tuple(env.extra))
 
