@@ -321,7 +321,7 @@ class Runner:
                     # A bug or an I/O error: leave the message for later
                     # rather than retrying it in a tight loop.
                     log.exception("%s: delivery failed unexpectedly; deferred", qid)
-                    if os.path.lexists(claim.path):
+                    if os.path.lexists(claim.fspath):
                         due = self.clock() + self.retry.min_delay
                         await asyncio.to_thread(claim.defer, due, env.attempt_count + 1)
                         self._note_due(f"deferred/{env.attempt_count + 1}", due)
@@ -418,7 +418,7 @@ class Runner:
         durable is shared by the deliveries finishing at the same time
         (GroupSync). Until it is durable a crash may bring the file back:
         a duplicate, never a loss."""
-        directory = str(claim.path.parent)
+        directory = os.path.dirname(claim.fspath)
         claim.done(sync_dir=False)
         sync = self._dir_syncs.get(directory)
         if sync is None:
