@@ -127,6 +127,7 @@ class DataReader:
         i, n = 0, len(data)
         run = 0               # start of bytes not yet emitted or dropped
         line_start = 0        # where the current line starts in this chunk
+        clean_from = 0        # no whole-line skipping before this (checked already)
         state = self._state
         while i < n:
             if state == _MID:
@@ -147,6 +148,17 @@ class DataReader:
                     i += 1
                     run = line_start = i
                     state = _DOT
+                elif i >= clean_from:
+                    # Whole lines up to the next one that starts with a
+                    # dot, at C speed when they are clean (CRLF only, no
+                    # NUL, none too long); else byte by byte, and this
+                    # stretch is not looked at in bulk again.
+                    stop = _clean_lines(data, i, self.max_line)
+                    if stop > i:
+                        i = line_start = stop
+                    else:
+                        clean_from = data.find(b"\r\n.", i) % (n + 1) + 2
+                        state = _MID
                 else:
                     state = _MID
             elif state == _DOT:
@@ -220,6 +232,22 @@ class DataReader:
         if self.done:
             events.append(EndOfData(self.size, self.error))
         return events
+
+
+def _clean_lines(data: bytes, i: int, max_line: int) -> int:
+    """End of the whole lines from ``i`` up to the next line that starts
+    with a dot (or the chunk's last CRLF), when none has a bare CR or LF or
+    a NUL or exceeds ``max_line`` octets; else ``i``."""
+    dot = data.find(b"\r\n.", i)
+    last = data.rfind(b"\r\n", i, len(data) if dot < 0 else dot + 2)
+    if last < 0:
+        return i
+    region = data[i:last + 2]
+    crlf = region.count(b"\r\n")
+    if (region.count(b"\r") != crlf or region.count(b"\n") != crlf or b"\x00" in region
+            or max(map(len, region.split(b"\r\n"))) > max_line):
+        return i
+    return last + 2
 
 
 class HeaderCollector:
