@@ -5,6 +5,7 @@ Pure text in, text out."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 
@@ -30,30 +31,46 @@ def is_idle(frame: str) -> bool:
     return any(name.endswith(func) and path in where for func, path in IDLE_LEAVES)
 
 
-# A stack belongs to the first component one of whose files it passes
+# A stack belongs to the component whose process it was sampled in
+# (py-spy --subprocesses adds a ``process PID:"CMDLINE"`` frame per
+# process level; ``msa daemon`` runs ``python -m msa.cli edge|watch|deliver``
+# children); else to the first component one of whose files it passes
 # through; what none claims is the event loop, logging and the rest.
 COMPONENTS = (("edge", ("msa/edge",)), ("watcher", ("msa/watcher.py",)),
               ("runner", ("msa/runner.py", "msa/relay.py")))
+_PROCESS = re.compile(r'^process \d+:".*\bmsa(?:\.cli)? (edge|watch|deliver)\b')
+_BY_COMMAND = {"edge": "edge", "watch": "watcher", "deliver": "runner"}
+
+
+def is_process(frame: str) -> bool:
+    return frame.startswith("process ")
 
 
 def component(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        m = _PROCESS.match(frame)
+        if m:
+            return _BY_COMMAND[m.group(1)]
     for name, files in COMPONENTS:
         if any(f in frame for frame in frames for f in files):
             return name
     return "other"
 
 
-def summarise(text: str, top: int = 25) -> str:
+def summarise(text: str, top: int = 25, per_component: int = 8) -> str:
     stacks = parse_folded(text)
     own, incl, comp = Counter(), Counter(), Counter()
+    own_by: dict[str, Counter] = {}
     idle = 0
     for frames, count in stacks:
-        frames = [_short(f) for f in frames]
-        if is_idle(frames[-1]):
+        name = component(frames)
+        frames = [_short(f) for f in frames if not is_process(f)]
+        if not frames or is_idle(frames[-1]):
             idle += count
             continue
         own[frames[-1]] += count
-        comp[component(frames)] += count
+        own_by.setdefault(name, Counter())[frames[-1]] += count
+        comp[name] += count
         for f in set(frames):
             incl[f] += count
     total = sum(own.values()) or 1
@@ -64,6 +81,11 @@ def summarise(text: str, top: int = 25) -> str:
     lines += [f"{100 * c / total:5.1f}  {f}" for f, c in own.most_common(top)]
     lines += ["", "incl%  function"]
     lines += [f"{100 * c / total:5.1f}  {f}" for f, c in incl.most_common(top)]
+    for name, _ in comp.most_common():
+        sub = own_by[name]
+        n = sum(sub.values())
+        lines += ["", f"{name}: self% of its {n} samples"]
+        lines += [f"{100 * c / n:5.1f}  {f}" for f, c in sub.most_common(per_component)]
     return "\n".join(lines)
 
 

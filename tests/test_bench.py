@@ -91,6 +91,17 @@ def test_profile_summary_counts_self_and_inclusive_time():
     assert "100.0  main (msa/x.py:1)" in out
 
 
+def test_profile_summary_attributes_child_processes_by_command_line():
+    sup = 'process 10:"python3 /x/bin/msa daemon --config c"'
+    text = (f'{sup};process 11:"python3 -m msa.cli edge --config c";run (asyncio/x.py:1);'
+            'recv (socket.py:2) 3\n'
+            f'{sup};process 12:"python3 -m msa.cli deliver --config c";fsync (spool/core.py:5) 1\n')
+    out = profile.summarise(text)
+    assert "by component: edge 75.0%, runner 25.0%" in out
+    assert "process" not in out.split("by component")[1]
+    assert "edge: self% of its 3 samples\n100.0  recv (socket.py:2)" in out
+
+
 def test_backlog_files_are_valid_queue_files(tmp_path):
     from msa import queuefile
     msa_side.write_backlog(tmp_path, 3, size=500)
