@@ -254,8 +254,8 @@ class Watcher:
         """Put the message into active/ and remove the source once that is
         durable. The claim is released right after the rename, so the
         runner (woken by it) can take the message at once."""
-        source, origin = claim.path, claim.stage
-        if os.path.lexists(self.spool.path(ACTIVE, claim.qid)):
+        source, origin = claim.fspath, claim.stage
+        if os.path.lexists(self.spool.fspath(ACTIVE, claim.qid)):
             log.info("%s: already in active/ (a run stopped before removing %s/%s)",
                      claim.qid, claim.stage, claim.qid)
         elif changed:
@@ -274,7 +274,7 @@ class Watcher:
     def _commit_parts(self, claim: Claim, parts: list[tuple[Envelope, HeaderBlock]],
                       head: Head) -> None:
         for env, headers in parts:
-            if os.path.lexists(self.spool.path(ACTIVE, env.queue_id)):
+            if os.path.lexists(self.spool.fspath(ACTIVE, env.queue_id)):
                 continue  # committed whole by a run that crashed
             with self.spool.writer(ACTIVE, qid=env.queue_id) as w:
                 write_message(w, env, headers.to_bytes(), head, sync_dir=False)
@@ -459,7 +459,7 @@ class Watcher:
                 pass
 
 
-def _unlink(path: os.PathLike) -> None:
+def _unlink(path: str | os.PathLike) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
