@@ -146,7 +146,8 @@ class DaemonConfig:
     # (one GIL each); false runs them all in one process.
     processes: bool = True
     # Edge processes sharing the listening addresses (SO_REUSEPORT); 0:
-    # one per CPU.
+    # one per two CPUs, at least one (measured best on 2 CPUs, where the
+    # watcher and runner need the other).
     edge_workers: int = 0
 
 
