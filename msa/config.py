@@ -15,7 +15,6 @@ import os
 import socket
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 DEFAULT_PATH = "/etc/msa/msa.toml"

@@ -683,7 +683,7 @@ class SmtpRelay:
     async def _hello(self, smtp: aiosmtplib.SMTP) -> None:
         try:
             await smtp.ehlo()
-        except aiosmtplib.SMTPHeloError as exc:
+        except aiosmtplib.SMTPHeloError:
             if not smtp.is_connected:
                 raise
             try:

@@ -489,16 +489,6 @@ class Spool:
             return None
         return Claim(self, stage, qid, lock)
 
-    def claim_wait(self, stage: str, qid: str, timeout: float = 10.0) -> Claim | None:
-        deadline = time.monotonic() + timeout
-        while True:
-            c = self.claim(stage, qid)
-            if c is not None or not os.path.lexists(self.path(stage, qid)):
-                return c
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.05)
-
     # -- administrative moves ---------------------------------------------
 
     def quarantine(self, stage: str, name: str, reason: str) -> Path:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterator
-
 from .core import Spool
 
 INFINITY = float("inf")
@@ -87,6 +85,3 @@ class DueIndex:
             self.earliest.pop(stage, None)
         else:
             self.earliest[stage] = earliest
-
-    def iter_due(self, now: float | None = None, batch: int = 1000) -> Iterator[tuple[str, str]]:
-        yield from self.collect(now, batch)

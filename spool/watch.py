@@ -11,7 +11,6 @@ None for both).
 
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 from inotify_simple import INotify, flags

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 from tests import support
-from tests.daemon_support import spooled_seqs  # noqa: F401 (shared helpers)
 
 README = (support.ROOT / "README.md").read_text()
 

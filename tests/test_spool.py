@@ -19,7 +19,7 @@ import pytest
 from spool import DueIndex, GroupSync, Spool, StageWatcher, id_time, new_id
 from spool.core import _tmp_pid
 from spool.group import ThreadGroupSync
-from tests.support import ROOT, wait_for
+from tests.support import ROOT
 
 STAGES = ["maildrop", "incoming", "active"]
 
@@ -339,7 +339,7 @@ RESCAN_MEMORY = textwrap.dedent("""
 
 
 def test_rescan_of_100k_files_keeps_memory_bounded(spool_root):
-    sp = Spool(spool_root, STAGES)
+    Spool(spool_root, STAGES)
     d = spool_root / "active"
     for i in range(100_000):
         # Plain files are enough for a rescan; writing them without fsync

@@ -46,7 +46,7 @@ def test_three_domains_become_three_files_in_active(cfg, sp):
         assert b"\r\nDate: " in message and f"Message-ID: <{qid}@msa.test>".encode() in message
         assert b"Bcc" not in message and b"secret@example.net" not in message
         assert b"\r\nSubject: hi\r\nDate: " in message
-        assert message.endswith(f"@msa.test>\r\n\r\nHello.\r\n".encode())
+        assert message.endswith(b"@msa.test>\r\n\r\nHello.\r\n")
     for stage in ("incoming", "policy-headers", "policy-forward", "policy-split", "corrupt"):
         assert list(sp.names(stage)) == []
 

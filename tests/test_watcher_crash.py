@@ -10,7 +10,7 @@ import time
 
 from msa.store import open_spool
 from tests import support
-from tests.daemon_support import MESSAGE, deposit, make_cfg, run_python, smtp_file
+from tests.daemon_support import MESSAGE, deposit, make_cfg, smtp_file
 
 RUN_DRAIN = """
 import sys
