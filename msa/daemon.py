@@ -321,7 +321,7 @@ class Daemon:
         if self.watcher is not None:
             self.watcher.stop()
         if self.runner is not None:
-            stops.append(self.runner.stop())
+            stops.append(self.runner.stop(grace))
         pending = [asyncio.ensure_future(s) for s in stops] + list(tasks)
         if not pending:
             return

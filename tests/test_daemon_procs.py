@@ -187,7 +187,8 @@ def test_single_process_mode(setup, ca):
         s.quit()
         assert 9 in spooled_seqs(open_spool(cfg))
     finally:
-        assert proc.stop() == 0
+        code = proc.stop()
+        assert code == 0, proc.output()
     path.write_text(path.read_text().replace("[daemon]\n", "[daemon]\nprocesses = false\n"))
     proc = start_daemon(path)
     try:
