@@ -15,6 +15,7 @@ setup(
         "python-daemon>=3.0",
         "argon2-cffi>=23.1",   # password hashes: a well-kept argon2id binding
         "cryptography>=41",    # the demo's self-signed certificate
+        "uvloop>=0.19",        # libuv event loop: ~1/5 less CPU per message (bench/)
     ],
     extras_require={"test": ["pytest>=7", "trustme>=1.1"]},
     entry_points={"console_scripts": [

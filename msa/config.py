@@ -148,6 +148,9 @@ class DaemonConfig:
     # one per two CPUs, at least one (measured best on 2 CPUs, where the
     # watcher and runner need the other).
     edge_workers: int = 0
+    # "uvloop" (libuv: about a fifth less CPU per message in the edge and
+    # the runner, bench/run.py) or "asyncio" (the standard library's).
+    event_loop: str = "uvloop"
 
 
 @dataclass

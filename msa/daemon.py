@@ -165,15 +165,45 @@ def main(argv: list[str]) -> int:
             return sysexits.EX_TEMPFAIL
     try:
         if opts.command == "daemon" and d.processes and not opts.single_process:
-            return asyncio.run(Supervisor(cfg, spool, child_options(cfg), cwd).serve())
-        return asyncio.run(Daemon(cfg, spool, COMPONENTS[opts.command], link=link,
-                                  reuse_port=opts.reuse_port).serve())
+            return run_loop(Supervisor(cfg, spool, child_options(cfg), cwd).serve(), cfg)
+        return run_loop(Daemon(cfg, spool, COMPONENTS[opts.command], link=link,
+                               reuse_port=opts.reuse_port).serve(), cfg)
     except config.ConfigError as exc:
         log.error("config: %s", exc)
         return sysexits.EX_CONFIG
     finally:
         if d.pidfile:
             system.remove_pidfile(d.pidfile)
+
+
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
+def loop_factory(name: str):
+    """The event loop ``[daemon] event_loop`` names; without the uvloop
+    package installed, asyncio's (with a warning)."""
+    if name not in EVENT_LOOPS:
+        raise config.ConfigError(f"daemon.event_loop: {name!r} is not one of "
+                                 f"{', '.join(EVENT_LOOPS)}")
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("daemon.event_loop: uvloop is not installed; using asyncio's loop")
+        else:
+            return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def run_loop(coro, cfg: config.Config):
+    """Run ``coro`` to its end in a new event loop of the configured kind."""
+    try:
+        factory = loop_factory(cfg.daemon.event_loop)
+    except config.ConfigError:
+        coro.close()
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
 
 
 def child_options(cfg: config.Config) -> list[str]:

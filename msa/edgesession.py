@@ -245,6 +245,15 @@ class SmtpSession(SMTP):
             self.edge._unregister(self)
         super().connection_lost(error)
 
+    def eof_received(self) -> bool:
+        """The client closed its side. aiosmtpd cancels the command loop
+        here; a loop cancelled before its first step (uvloop reports the
+        EOF of a connect-and-close before the loop runs) would never close
+        the connection, so close it here: nothing more can be read."""
+        super().eof_received()
+        self._close_transport()
+        return False
+
     def _tls_active(self) -> bool:
         return self._implicit_tls or self._tls_protocol is not None
 

@@ -35,8 +35,8 @@ def add_user(passwd: Path, name: str, password: str, senders=(), hasher=FAST_HAS
 class EdgeThread:
     """SmtpEdge objects running in an event loop in a background thread."""
 
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, loop_factory=asyncio.new_event_loop):
+        self.loop = loop_factory()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.edges = []

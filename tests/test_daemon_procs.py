@@ -189,10 +189,28 @@ def test_single_process_mode(setup, ca):
     finally:
         code = proc.stop()
         assert code == 0, proc.output()
-    path.write_text(path.read_text().replace("[daemon]\n", "[daemon]\nprocesses = false\n"))
+    # The same in asyncio's own event loop (uvloop is the default).
+    path.write_text(path.read_text().replace(
+        "[daemon]\n", "[daemon]\nprocesses = false\nevent_loop = \"asyncio\"\n"))
     proc = start_daemon(path)
     try:
         status = support.wait_for(lambda: send_control(cfg, "status"), what="control socket")
         assert "processes=" not in status
+        s = smtp_login(port, ca, "alice", "alice-pw")
+        s.sendmail("alice@example.org", ["x@example.test"],
+                   numbered_message("alice@example.org", "x@example.test", 10))
+        s.quit()
+        assert 10 in spooled_seqs(open_spool(cfg))
     finally:
-        assert proc.stop() == 0
+        assert proc.stop() == 0, proc.output()
+
+
+def test_an_unknown_event_loop_is_a_config_error(setup):
+    path, cfg, _ = setup
+    path.write_text(path.read_text().replace("[daemon]\n", "[daemon]\nevent_loop = \"tokio\"\n"))
+    r = subprocess.run([sys.executable, str(support.BIN / "msa"), "daemon", "--config",
+                        str(path)], capture_output=True, text=True, env=support.msa_env(),
+                       timeout=60)
+    assert r.returncode == 78, r.stderr
+    assert "daemon.event_loop: 'tokio' is not one of uvloop, asyncio" in r.stderr
+    assert not os.path.exists(cfg.control_socket())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 
@@ -150,5 +151,29 @@ def test_reuse_port_lets_several_edges_share_an_address(tmp_path):
         assert RawClient(port).banner.startswith("220 msa.test")
         with pytest.raises(OSError):
             t.start(lambda: edge(False))      # without it, the address is taken
+    finally:
+        t.stop()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_connect_and_close_frees_the_session(tmp_path, loop):
+    """A client that connects and closes at once (a port check, a load
+    balancer's probe) must not keep its session: uvloop reports that EOF
+    before the command loop's first step, and aiosmtpd then cancels the
+    loop, which would never close the socket (CLOSE-WAIT until shutdown)."""
+    uvloop = pytest.importorskip("uvloop") if loop == "uvloop" else None
+    spool = Spool(tmp_path / "spool", ["incoming", "tmp"])
+    port = support.free_port()
+    t = EdgeThread(uvloop.new_event_loop if uvloop else asyncio.new_event_loop)
+    try:
+        edge, = t.start(lambda: SmtpEdge(("127.0.0.1", port), spool, require_auth=False,
+                                         hostname="msa.test"))
+        for i in range(10):
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                if i % 2:
+                    s.recv(100)          # half of them read the greeting first
+        support.wait_for(lambda: not edge._sessions, timeout=10,
+                         what=f"{len(edge._sessions)} sessions left open")
+        assert RawClient(port).banner.startswith("220 msa.test")
     finally:
         t.stop()
