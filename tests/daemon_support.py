@@ -138,13 +138,18 @@ def numbered_message(sender: str, rcpt: str, n: int) -> bytes:
 
 
 def spooled_seqs(spool) -> dict[int, str]:
-    """X-Seq of every whole queue file in any stage -> the stage it is in."""
+    """X-Seq of every whole queue file in any stage -> the stage it is in.
+    The stages are listed in the order mail moves, so a file the daemon
+    moves on while this runs is found in the later stage."""
     from msa.headerblock import HeaderBlock
     out = {}
     for stage in [*spool.stages, *spool.deferred_stages(), "hold"]:
         for name in spool.names(stage):
-            env, offset = queuefile.load(spool.path(stage, name))  # raises if not whole
-            head = spool.path(stage, name).read_bytes()[offset:].split(b"\r\n\r\n")[0]
+            try:
+                env, offset = queuefile.load(spool.path(stage, name))  # raises if not whole
+                head = spool.path(stage, name).read_bytes()[offset:].split(b"\r\n\r\n")[0]
+            except FileNotFoundError:
+                continue  # moved on to a later stage, which is listed after this one
             seq = HeaderBlock.parse(head + b"\r\n").get("x-seq")
             if seq is not None:
                 out[int(seq)] = stage
