@@ -60,6 +60,11 @@ class EdgeConfig:
     # CIDRs whose clients may send without AUTH and as any sender
     # (Postfix's permit_mynetworks). Empty: everyone must AUTH.
     trusted_networks: list[str] = field(default_factory=list)
+    # Apply [policies] (headers, forward) to a message held in memory
+    # before writing it to incoming/, as Postfix's cleanup does, so the
+    # watcher only renames it into active/. Off, or with a split stage,
+    # the watcher applies them.
+    apply_policies: bool = True
 
 
 @dataclass

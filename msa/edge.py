@@ -57,7 +57,7 @@ from typing import Any
 
 from spool import Spool
 
-from . import tlsconf
+from . import policies, tlsconf
 from .auth import PasswdFileAuth, SenderPolicy, TrustedNetworks
 from .config import Config, ConfigError, EdgeConfig
 from .edgesession import ABORT_AFTER, SmtpSession
@@ -102,6 +102,9 @@ class EdgeSettings:
     max_connections: int
     memory_limit: int
     max_header_size: int
+    # Policy lists applied before writing, or None: the watcher does.
+    stages: list | None = None
+    max_policy_header: int = 1024 * 1024
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -135,7 +138,8 @@ class SmtpEdge:
                  require_auth: bool = True, shutdown_grace: float = 30.0,
                  stage: str = "incoming", memory_limit: int = 256 * 1024,
                  max_header_size: int = 256 * 1024,
-                 trusted_networks: Any = (), reuse_port: bool = False):
+                 trusted_networks: Any = (), reuse_port: bool = False,
+                 policies: list | None = None, max_policy_header: int = 1024 * 1024):
         spool = queue if isinstance(queue, Spool) else getattr(queue, "spool", None)
         if not isinstance(spool, Spool):
             raise TypeError("queue must be a spool.Spool or have a .spool")
@@ -162,7 +166,9 @@ class SmtpEdge:
             command_timeout=command_timeout, data_timeout=data_timeout,
             max_errors=max_errors, max_auth_failures=max_auth_failures,
             auth_failure_delay=auth_failure_delay, max_connections=max_connections,
-            memory_limit=memory_limit, max_header_size=max_header_size)
+            memory_limit=memory_limit, max_header_size=max_header_size,
+            stages=_edge_stages(policies), max_policy_header=max_policy_header)
+        self.policies_from_config = False
         self.dir_sync: ThreadGroupSync | None = None   # made by start()
         self.stopping = False
         self._server: asyncio.AbstractServer | None = None
@@ -229,9 +235,13 @@ class SmtpEdge:
                 tlsconf.reload_into(old.tls_context, e.certfile, e.keyfile)
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(f"[edge] cannot load {e.certfile}: {exc}") from None
+        more = {}
+        if self.policies_from_config:
+            more = dict(stages=_edge_stages(config_policies(cfg)),
+                        max_policy_header=cfg.policies.max_header_bytes)
         self.settings = dataclasses.replace(
             old, hostname=cfg.server.hostname, auth=auth, senders=_sender_policy(cfg),
-            trusted=trusted, **_limits(e))
+            trusted=trusted, **_limits(e), **more)
         log.info("reloaded settings for %s", self.describe())
 
     # -- what sessions call -------------------------------------------------
@@ -315,6 +325,19 @@ def _limits(e: EdgeConfig) -> dict[str, Any]:
                 auth_failure_delay=e.auth_failure_delay, max_connections=e.max_connections)
 
 
+def config_policies(cfg: Config) -> list | None:
+    """The policy lists of ``[policies].stages`` for the edge to apply, or
+    None when ``[edge] apply_policies`` is off."""
+    if not cfg.edge.apply_policies:
+        return None
+    return [pols for _, pols in policies.pipeline(cfg)]
+
+
+def _edge_stages(stages: list | None) -> list | None:
+    """What the edge applies itself: None when no stage has a policy."""
+    return stages if stages and any(stages) else None
+
+
 def _sender_policy(cfg: Config) -> SenderPolicy:
     return SenderPolicy(cfg.auth.senders, cfg.domain, cfg.auth.allow_login_address)
 
@@ -337,8 +360,12 @@ def edges_from_config(cfg: Config, spool: Spool, reuse_port: bool = False) -> li
         raise ConfigError(f"[edge] cannot load {e.certfile}: {exc}") from None
     common = dict(tls=ctx, auth_class=PasswdFileAuth(cfg.auth.passwd_file),
                   hostname=cfg.server.hostname, senders=_sender_policy(cfg),
-                  trusted_networks=trusted_networks(e), reuse_port=reuse_port, **_limits(e))
+                  trusted_networks=trusted_networks(e), reuse_port=reuse_port,
+                  policies=config_policies(cfg),
+                  max_policy_header=cfg.policies.max_header_bytes, **_limits(e))
     edges = [SmtpEdge(parse_listen(a), spool, **common) for a in e.submission]
     edges += [SmtpEdge(parse_listen(a), spool, tls_immediately=True, **common)
               for a in e.submissions]
+    for edge in edges:
+        edge.policies_from_config = True
     return edges

@@ -688,6 +688,7 @@ class SmtpSession(SMTP):
         await self._hook("have_data", reply, env)
         if not reply.code.startswith("2"):
             return reply.line()
+        nrcpt = len(env.recipients)  # as the client gave them (policies may rewrite)
         try:
             qid = await self._store(env, sink)
         except (SpoolError, OSError, queuefile.QueueFileError) as exc:
@@ -697,7 +698,7 @@ class SmtpSession(SMTP):
         self._messages += 1
         log.info("%s: client=%s, sasl_username=%s, from=<%s>, size=%d, nrcpt=%d, tls=%s",
                  qid, self._client(), s.auth_result or "", env.sender, sink.size,
-                 len(env.recipients), s.tls or "none")
+                 nrcpt, s.tls or "none")
         await self._hook("queued", reply, qid)
         if not reply.code.startswith("2"):
             log.error("%s: handle_queued changed a 250 after queueing; sending 250", qid)
@@ -763,9 +764,10 @@ class SmtpSession(SMTP):
         self._arm(FOREVER)
         try:
             loop = asyncio.get_running_loop()
+            settings = self.settings
             return await loop.run_in_executor(
-                store_pool(), store_message, self.settings.spool, self.settings.stage, env,
-                sink, self.edge.dir_sync)
+                store_pool(), store_message, settings.spool, settings.stage, env,
+                sink, self.edge.dir_sync, settings.stages, settings.max_policy_header)
         finally:
             self._arm(self.settings.command_timeout)
 

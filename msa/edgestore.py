@@ -14,6 +14,10 @@ Invariants:
   may the caller say 250. It runs in a thread of :func:`store_pool` (the
   edge's own, so a slow disk does not hold up other users of the loop's
   default executor, nor they the edge), one hand-off per message.
+- A message held in memory gets the ``[policies]`` first (unless
+  ``[edge] apply_policies`` is off, or it splits), so the file the watcher
+  finds needs only a rename into ``active/``; a spilled (large) message is
+  written as received and the watcher applies them.
 - Any failure before the rename leaves no file behind (the spool Writer
   removes its temp file); a full disk is :data:`SpoolFull` and becomes
   ``452 4.3.1``. A failed directory fsync after the rename is a 4xx too:
@@ -34,6 +38,7 @@ from spool import SpoolFull
 from spool.group import ThreadGroupSync
 
 from . import queuefile
+from .watcher import apply_in_memory
 
 # Threads writing queue files at once: fsyncs in flight together let the
 # filesystem journal commit them together.
@@ -114,14 +119,28 @@ def dir_sync_for(spool, stage: str) -> ThreadGroupSync:
 
 
 def store_message(spool, stage: str, env: queuefile.Envelope, sink: BodySink,
-                  dir_sync: ThreadGroupSync | None = None) -> str:
+                  dir_sync: ThreadGroupSync | None = None,
+                  stages: list | None = None, max_header: int = 0) -> str:
     """Write envelope + message into ``tmp/``, fsync, rename into the
     stage, then wait for a shared directory fsync that began after the
-    rename. Runs in a thread; when it returns the message is durable."""
+    rename. Runs in a thread; when it returns the message is durable.
+
+    With ``stages`` (policy lists), a message held in memory gets their
+    policies first (:func:`msa.watcher.apply_in_memory`) unless it splits,
+    so the watcher only has to rename it."""
+    stamped = None
+    if stages and sink.file is None:
+        stamped = apply_in_memory(env, sink.buf, stages, max_header)
     with spool.writer(stage, env.queue_id) as w:
-        w.write(env.to_bytes())
-        for chunk in sink.chunks():
-            w.write(chunk)
+        if stamped is None:
+            w.write(env.to_bytes())
+            for chunk in sink.chunks():
+                w.write(chunk)
+        else:
+            new_env, headers, body_offset = stamped
+            w.write(new_env.to_bytes() + headers)
+            with memoryview(sink.buf) as view:
+                w.write(view[body_offset:])
         qid = w.commit(sync_dir=False)
     (dir_sync or dir_sync_for(spool, stage)).sync()
     return qid

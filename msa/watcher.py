@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import io
 import logging
 import os
@@ -111,7 +112,7 @@ class Head:
     section, where the body starts, and the bytes read so far (a prefix of
     the file, reused when the message is written again)."""
 
-    def __init__(self, f: BinaryIO, cap: int):
+    def __init__(self, f: BinaryIO, cap: int, headers: bool = True):
         self.f = f
         self.file_size = os.fstat(f.fileno()).st_size
         self.data = f.read(HEAD_READ)
@@ -122,7 +123,8 @@ class Head:
             f.seek(0)
             self.env, self.offset = queuefile.read_envelope(f)
         self._check_size()
-        self.headers, self.body_offset = self._read_headers(cap)
+        if headers:
+            self.headers, self.body_offset = self._read_headers(cap)
 
     def _check_size(self) -> None:
         if not self.env.size.isdigit():
@@ -151,6 +153,37 @@ class Head:
 
     def body_size(self) -> int:
         return self.file_size - self.body_offset
+
+
+def apply_in_memory(env: Envelope, message: bytes | bytearray, stages: list[list[Policy]],
+                    cap: int) -> tuple[Envelope, bytes, int] | None:
+    """The policies of ``stages`` applied to a message held in memory, as
+    the watcher would apply them to its file (the edge calls this before
+    it writes the message, as Postfix's cleanup does before incoming/;
+    pure, ``env`` is not changed). Returns the new envelope, which records
+    every policy of ``stages`` in ``Policies:`` (those that changed nothing
+    too: the file is written anyway, and the watcher then only renames
+    it), the new header section, and the offset in ``message`` where the
+    body (its separator line included) starts. None when the message
+    splits (the watcher makes the parts from the file) or its header
+    section is larger than ``cap`` (the watcher sends it to ``corrupt/``).
+    """
+    try:
+        headers, body_offset = read_headers(io.BytesIO(message), 0, cap)
+    except HeaderTooBig:
+        return None
+    # Policies assign envelope fields, they do not edit them in place: a
+    # shallow copy keeps ``env`` as it was.
+    results, _ = policies.run_stages(copy.copy(env), headers, stages)
+    if len(results) != 1:
+        return None
+    new_env, new_headers = results[0]
+    for pols in stages:
+        for p in pols:
+            policies.mark_applied(new_env, p.name)
+    header_bytes = new_headers.to_bytes()
+    new_env.size = str(len(header_bytes) + len(message) - body_offset)
+    return new_env, header_bytes, body_offset
 
 
 def write_message(writer: spoollib.Writer, env: Envelope, headers: bytes, head: Head,
@@ -234,12 +267,16 @@ class Watcher:
             return None
         try:
             with f:
+                stages = [pols for _, pols in self.pipeline[self.start_at[claim.stage]:]]
                 try:
-                    head = Head(f, self.max_header)
+                    head = Head(f, self.max_header, headers=False)
+                    if _all_applied(head.env, stages):  # the edge applied them
+                        self._move_as_is(claim)
+                        return ACTIVE
+                    head.headers, head.body_offset = head._read_headers(self.max_header)
                 except (QueueFileError, HeaderTooBig) as exc:
                     claim.quarantine(str(exc))
                     return "corrupt"
-                stages = [pols for _, pols in self.pipeline[self.start_at[claim.stage]:]]
                 results, changed = policies.run_stages(head.env, head.headers, stages)
                 if len(results) > 1:
                     self._commit_parts(claim, results, head)
@@ -248,6 +285,20 @@ class Watcher:
                 return ACTIVE
         finally:
             claim.release()
+
+    def _move_as_is(self, claim: Claim) -> None:
+        """One rename into active/: the file needs nothing more. The rename
+        is not fsynced (nothing is removed after it: a crash leaves the
+        file in one of the two directories)."""
+        origin = claim.stage
+        if os.path.lexists(self.spool.fspath(ACTIVE, claim.qid)):
+            log.info("%s: already in active/ (a run stopped before removing %s/%s)",
+                     claim.qid, claim.stage, claim.qid)
+            self.active_sync.sync()
+            _unlink(claim.fspath)
+            return
+        claim.move(ACTIVE, release=False, sync_dirs=False)
+        log.info("%s: queued in active/ (from %s/, policies applied before)", claim.qid, origin)
 
     def _commit_one(self, claim: Claim, result: tuple[Envelope, HeaderBlock], head: Head,
                     changed: bool) -> None:
@@ -457,6 +508,12 @@ class Watcher:
                 os.write(self._wake_w, b"x")
             except OSError:
                 pass
+
+
+def _all_applied(env: Envelope, stages: list[list[Policy]]) -> bool:
+    """Every policy of ``stages`` is recorded in ``env`` (none to run)."""
+    done = set(policies.applied(env))
+    return all(p.name in done for pols in stages for p in pols)
 
 
 def _unlink(path: str | os.PathLike) -> None:

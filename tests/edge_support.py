@@ -268,7 +268,9 @@ def wait_until(pred, timeout: float = 10.0):
 
 class Edges:
     """The config's edges (one STARTTLS, one implicit TLS listener, or the
-    addresses given) running in a background loop; users alice and bob."""
+    addresses given) running in a background loop; users alice and bob.
+    They write messages as received (``apply_policies = false``) unless
+    ``edge_opts`` sets ``apply_policies``."""
 
     PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw"}
 
@@ -280,6 +282,10 @@ class Edges:
         self.tls_port = support.free_port(host)
         h = f"[{host}]" if ":" in host else host
         opts = "auth_failure_delay = 0.05\n" + edge_opts
+        if "apply_policies" not in opts:
+            # These edges are for checking what the edge receives, byte for
+            # byte; tests/test_edge_stamp.py checks the policies it applies.
+            opts += "apply_policies = false\n"
         self.config_path = edge_config(
             tmp_path, ca, [f"{h}:{self.port}"], [f"{h}:{self.tls_port}"], extra_edge=opts,
             extra='senders = { alice = ["alice@example.org", "@alice.test"] }\n')

@@ -22,7 +22,7 @@ from tests.edge_support import (RawClient, add_user, client_context, edge_config
 
 def submitter(port, ca, acked, stop, seed):
     """Submit messages over implicit TLS until the server dies or ``stop``;
-    append (qid, sha256 of body) for every 250."""
+    append (qid, its header fields, sha256 of its body) for every 250."""
     rnd = random.Random(seed)
     ctx = client_context(ca)
     n = 0
@@ -32,15 +32,16 @@ def submitter(port, ca, acked, stop, seed):
             while not stop.is_set():
                 n += 1
                 filler = (b"%08d " % n) * rnd.randint(10, 20000)
-                body = (b"From: alice@example.org\r\nSubject: %d\r\n\r\n" % n
-                        + b"\r\n".join(filler[i:i + 72] for i in range(0, len(filler), 72))
+                fields = b"From: alice@example.org\r\nSubject: %d\r\n" % n
+                text = (b"\r\n".join(filler[i:i + 72] for i in range(0, len(filler), 72))
                         + b"\r\n")
+                body = fields + b"\r\n" + text
                 s.mail("alice@example.org")
                 s.rcpt("bob@example.test")
                 code, msg = s.data(body)
                 if code == 250:
                     qid = msg.decode().rsplit(" ", 1)[1]
-                    acked.append((qid, hashlib.sha256(body).hexdigest()))
+                    acked.append((qid, fields, hashlib.sha256(text).hexdigest()))
     except (smtplib.SMTPException, OSError):
         pass
 
@@ -67,9 +68,15 @@ def test_kill9_loses_no_acknowledged_message(tmp_path, ca, round_):
             t.join(30)
     incoming = tmp_path / "spool" / "incoming"
     assert acked
-    for qid, digest in list(acked):
-        env, body = read_queued(incoming / qid)        # whole: Size matches
-        assert hashlib.sha256(body).hexdigest() == digest
+    for qid, fields, digest in list(acked):
+        env, message = read_queued(incoming / qid)     # whole: Size matches
+        # The edge applied the policies (a Received, a Date, a Message-ID
+        # around the client's fields); the client's fields and body are
+        # there byte for byte.
+        head, _, text = message.partition(b"\r\n\r\n")
+        assert fields in head + b"\r\n"
+        assert head.startswith(b"Received: ") and b"\r\nMessage-ID: <" in head
+        assert hashlib.sha256(text).hexdigest() == digest
         assert env.queue_id == qid
     # Files that were never acknowledged may be there too (duplicates are
     # allowed), but every file in incoming/ is whole.
