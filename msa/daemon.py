@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import contextlib
 import logging
 import logging.handlers
@@ -174,6 +175,24 @@ def main(argv: list[str]) -> int:
     finally:
         if d.pidfile:
             system.remove_pidfile(d.pidfile)
+
+
+# Allocations between two collections of the youngest generation (the
+# interpreter's default is 700). Per message the edge allocates a few
+# thousand objects, nearly all freed by reference counting; fewer
+# collections cost less and do not keep more memory (cycles are rare and
+# still collected).
+GC_THRESHOLD0 = 20000
+
+
+def settle_garbage_collector() -> None:
+    """After start-up: move what start-up made (modules, config, TLS
+    context...) out of the collector's sight, which it would otherwise
+    traverse again at every full collection, and collect less often."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD0, gen1, gen2)
 
 
 EVENT_LOOPS = ("uvloop", "asyncio")
@@ -325,6 +344,7 @@ class Daemon:
             tasks.append(asyncio.create_task(self.runner.run(), name="runner"))
             loop.add_signal_handler(signal.SIGUSR1, self.runner.flush)
         log.info("started %s (pid %d)", "+".join(self.components), os.getpid())
+        settle_garbage_collector()
         if self.link is not None:
             watch = asyncio.create_task(self.link.watch_parent(self._stop), name="parent")
             self._notify(READY)
