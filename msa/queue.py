@@ -26,7 +26,7 @@ from spool import Spool
 
 from . import config
 from .policies import Policy, check_stage
-from .store import MODES
+from .store import MODES, UNTRUSTED_STAGES
 
 log = logging.getLogger("msa.queue")
 
@@ -76,7 +76,8 @@ class Queue:
     @property
     def spool(self) -> Spool:
         if self._spool is None:
-            self._spool = Spool(self.cfg.spool.root, self.cfg.stages(), modes=MODES)
+            self._spool = Spool(self.cfg.spool.root, self.cfg.stages(), modes=MODES,
+                                claim_files=UNTRUSTED_STAGES)
         return self._spool
 
     # -- running -----------------------------------------------------------

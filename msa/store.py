@@ -21,6 +21,9 @@ from spool import Spool
 from .config import Config
 
 MODES = {"tmp": 0o3733, "maildrop": 0o3733}
+# Any local user may put a file there: claimed by a lock file in claims/,
+# never by opening the file before it is checked (msa.maildrop).
+UNTRUSTED_STAGES = ("maildrop",)
 
 
 def daemon_gid(cfg: Config) -> int | None:
@@ -36,7 +39,8 @@ def daemon_gid(cfg: Config) -> int | None:
 
 
 def open_spool(cfg: Config, create: bool = True) -> Spool:
-    spool = Spool(cfg.spool.root, cfg.stages(), modes=MODES, create=create)
+    spool = Spool(cfg.spool.root, cfg.stages(), modes=MODES, create=create,
+                  claim_files=UNTRUSTED_STAGES)
     gid = daemon_gid(cfg)
     if create and gid is not None and os.geteuid() == 0:
         for name in MODES:

@@ -165,6 +165,53 @@ def test_claim_of_moved_file_fails(spool_root):
     assert sp.find(qid) == "active"
 
 
+def test_a_claim_locks_the_file_itself_and_leaves_no_lock_file(spool_root):
+    sp = Spool(spool_root, STAGES)
+    qid = sp.deposit("active", b"x")
+    c = sp.claim("active", qid)
+    assert c is not None and sp.claim("active", qid) is None
+    assert list(sp.names("claims")) == []
+    c.release()
+    assert sp.claim("active", qid) is not None
+
+
+def test_a_rewritten_file_stays_claimed(spool_root):
+    """The new version is locked before its rename: nobody can claim the
+    message between the rewrite and the move that follows it."""
+    sp = Spool(spool_root, STAGES)
+    qid = sp.deposit("active", b"version 1")
+    c = sp.claim("active", qid)
+    before = os.stat(sp.path("active", qid)).st_ino
+    with c.rewriter() as w:
+        w.write(b"version 2")
+        w.commit()
+    assert os.stat(sp.path("active", qid)).st_ino != before
+    assert sp.claim("active", qid) is None, "the claim lapsed with the rewrite"
+    assert c.open().read() == b"version 2"
+    c.defer(time.time() + 60, 1)
+    assert sp.claim("deferred/1", qid) is not None
+
+
+def test_claims_in_untrusted_stages_never_open_the_file(spool_root):
+    """maildrop/ may hold a FIFO or a symlink a user made: claimed by a lock
+    file, the file is not opened (a FIFO would block)."""
+    sp = Spool(spool_root, STAGES, claim_files=["maildrop"])
+    os.mkfifo(sp.path("maildrop", "F1"))
+    os.symlink("/etc/passwd", sp.path("maildrop", "S1"))
+    for name in ("F1", "S1"):
+        c = sp.claim("maildrop", name)
+        assert c is not None
+        assert list(sp.names("claims")) == [f"{name}.lock"]
+        assert sp.claim("maildrop", name) is None
+        c.release()
+        assert list(sp.names("claims")) == []
+    # Elsewhere a FIFO does not hang the claimer either (and a symlink is no claim).
+    os.mkfifo(sp.path("active", "F2"))
+    os.symlink("/etc/passwd", sp.path("active", "S2"))
+    assert sp.claim("active", "F2") is not None
+    assert sp.claim("active", "S2") is None
+
+
 def test_defer_sets_mtime_and_due_index(spool_root):
     sp = Spool(spool_root, STAGES)
     now = time.time()
