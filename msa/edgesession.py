@@ -40,6 +40,7 @@ Nothing is acknowledged on any error: a refused DATA leaves no file.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import time
@@ -155,6 +156,47 @@ def _arity(validators: Any, attr: str) -> int:
     return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
 
 
+HOOKS = ("banner", "ehlo", "auth", "mail", "rcpt", "data", "have_data", "queued")
+_NO_TABLE: dict[str, int] = {}
+_hook_tables: dict[type, dict[str, int]] = {}
+
+
+def hook_table(validators: Any) -> dict[str, int]:
+    """``{"mail": 2, ...}``: the hooks ``validators`` has (see
+    :func:`hook_arity`), once per class; a missing name means the edge
+    need not make a :class:`Reply` for that command at all. Hooks set on
+    the instance itself are looked at per instance."""
+    cls = type(validators)
+    table = _hook_tables.get(cls)
+    if table is None:
+        table = {}
+        for name in HOOKS:
+            if "handle_" + name not in getattr(validators, "__dict__", ()):
+                n = hook_arity(validators, "handle_" + name)
+                if n != _NO_HOOK:
+                    table[name] = n
+        _hook_tables[cls] = table
+    own = getattr(validators, "__dict__", None)
+    if own and any(k.startswith("handle_") for k in own):
+        table = {name: n for name in HOOKS
+                 if (n := hook_arity(validators, "handle_" + name)) != _NO_HOOK}
+    return table
+
+
+@functools.lru_cache(maxsize=512)
+def _enhanced(line: str) -> str:
+    """:func:`msa.validators.enhance`, remembered: most replies are the
+    same few lines."""
+    return enhance(line)
+
+
+def _info(text: str) -> None:
+    """One INFO line, formatted already (the per-message line): no caller
+    lookup (a stack walk) and no %-formatting in ``Logger._log``. The
+    caller checks ``log.isEnabledFor(logging.INFO)``."""
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, text, None, None))
+
+
 class SmtpSession(SMTP):
     """aiosmtpd's SMTP protocol with msa's submission rules."""
 
@@ -167,6 +209,7 @@ class SmtpSession(SMTP):
         self._idle = False
         self._registered = False
         self.validators: SmtpValidators | None = None
+        self._hooks = _NO_TABLE
         self._deadline = 0.0
         self._messages = 0
         self._init_protocol(settings, asyncio.get_running_loop())
@@ -230,8 +273,11 @@ class SmtpSession(SMTP):
             self._registered = not self._refused
         self.session.tls = tlsconf.describe(self.transport.get_extra_info("ssl_object"))
         self.session.trusted = self.edge.is_trusted(self.session.client_ip)
-        cls = self.settings.validator_class or SmtpValidators
-        self.validators = cls(self.session)
+        cls = self.settings.validator_class
+        if cls is not None and cls is not SmtpValidators:
+            # The base class's hooks all accept: nothing to make or call.
+            self.validators = cls(self.session)
+            self._hooks = hook_table(self.validators)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self.session is not None:
@@ -323,7 +369,7 @@ class SmtpSession(SMTP):
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, bytes):
             status = status.decode("utf-8", "replace")
-        status = enhance(status)
+        status = _enhanced(status)
         if status[:1] in ("4", "5"):
             self._errors += 1
             log.info("reject: %s from %s: %s", self._command, self._client(), status)
@@ -346,11 +392,10 @@ class SmtpSession(SMTP):
     _command = ""
 
     async def _hook(self, name: str, reply: Reply, *args: Any) -> Reply:
-        attr = "handle_" + name
-        nargs = hook_arity(self.validators, attr)
-        if nargs == _NO_HOOK:
+        nargs = self._hooks.get(name)
+        if nargs is None:
             return reply
-        result = getattr(self.validators, attr)(reply, *args[:max(0, nargs - 1)])
+        result = getattr(self.validators, "handle_" + name)(reply, *args[:max(0, nargs - 1)])
         if inspect.isawaitable(result):
             await result
         return reply
@@ -367,12 +412,15 @@ class SmtpSession(SMTP):
         if self._refused:
             await self._close_with(f"421 4.7.0 {self.hostname} Error: too many connections")
             return
-        reply = Reply("220", f"{self.hostname} ESMTP msa")
-        await self._hook("banner", reply, self.session.peer)
-        await self._push_raw(f"{reply.code} {reply.message}")
-        if not reply.positive():
-            self._close_transport()
-            return
+        if "banner" in self._hooks:
+            reply = Reply("220", f"{self.hostname} ESMTP msa")
+            await self._hook("banner", reply, self.session.peer)
+            await self._push_raw(f"{reply.code} {reply.message}")
+            if not reply.positive():
+                self._close_transport()
+                return
+        else:
+            await self._send(f"220 {self.hostname} ESMTP msa")
         while self.transport is not None:
             if self.edge.stopping and not self.in_transaction:
                 await self._close_with(f"421 4.3.2 {self.hostname} Service shutting down")
@@ -470,17 +518,20 @@ class SmtpSession(SMTP):
             await self.push(f"501 5.5.4 Syntax: {verb} hostname")
             return
         self._set_rset_state()
-        reply = Reply("250", self.hostname)
-        await self._hook("ehlo", reply, name)
-        if not reply.positive():
-            await self.push(reply.line())
-            return
+        greeting = self.hostname
+        if "ehlo" in self._hooks:
+            reply = Reply("250", greeting)
+            await self._hook("ehlo", reply, name)
+            if not reply.positive():
+                await self.push(reply.line())
+                return
+            greeting = reply.message
         self.session.host_name = name
         self.session.extended_smtp = extended
         if not extended:
-            await self._push_raw(f"250 {reply.message}")
+            await self._push_raw(f"250 {greeting}")
             return
-        lines = [reply.message, f"SIZE {self.settings.max_message_size}", "PIPELINING",
+        lines = [greeting, f"SIZE {self.settings.max_message_size}", "PIPELINING",
                  "8BITMIME", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES"]
         if self.tls_context is not None and not self._tls_active():
             lines.append("STARTTLS")
@@ -619,13 +670,19 @@ class SmtpSession(SMTP):
             await self.push(f"553 5.7.1 <{address}>: Sender address rejected: "
                             f"not owned by user {self.session.auth_result}")
             return
-        reply = Reply("250", "2.1.0 Sender <{0}> ok")
-        await self._hook("mail", reply, address, smtpcmd.parse_params(rest))
-        if reply.code.startswith("2"):
-            self.envelope.mail_from = address
-            self.envelope.params = params
-            self.envelope.smtp_utf8 = params.smtputf8
-        await self.push(reply.line(address))
+        if "mail" in self._hooks:
+            reply = Reply("250", "2.1.0 Sender <{0}> ok")
+            await self._hook("mail", reply, address, smtpcmd.parse_params(rest))
+            if not reply.code.startswith("2"):
+                await self.push(reply.line(address))
+                return
+            line = reply.line(address)
+        else:
+            line = f"250 2.1.0 Sender <{address}> ok"
+        self.envelope.mail_from = address
+        self.envelope.params = params
+        self.envelope.smtp_utf8 = params.smtputf8
+        await self._send(line)          # 2xx with its enhanced code already
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         if not await self._ready(need_mail=True):
@@ -639,13 +696,19 @@ class SmtpSession(SMTP):
             # RFC 5321 §4.5.3.1.10: 452, the client sends the rest later.
             await self.push("452 4.5.3 Error: too many recipients")
             return
-        reply = Reply("250", "2.1.5 Recipient <{0}> ok")
-        await self._hook("rcpt", reply, address, smtpcmd.parse_params(rest))
-        if reply.code.startswith("2"):
-            self.envelope.recipients.append(queuefile.Recipient(
-                address, notify=params.notify, orcpt=params.orcpt))
-            self.envelope.rcpt_tos.append(address)
-        await self.push(reply.line(address))
+        if "rcpt" in self._hooks:
+            reply = Reply("250", "2.1.5 Recipient <{0}> ok")
+            await self._hook("rcpt", reply, address, smtpcmd.parse_params(rest))
+            if not reply.code.startswith("2"):
+                await self.push(reply.line(address))
+                return
+            line = reply.line(address)
+        else:
+            line = f"250 2.1.5 Recipient <{address}> ok"
+        self.envelope.recipients.append(queuefile.Recipient(
+            address, notify=params.notify, orcpt=params.orcpt))
+        self.envelope.rcpt_tos.append(address)
+        await self._send(line)
 
     async def smtp_DATA(self, arg: str | None) -> None:
         if not await self._ready(need_mail=True):
@@ -656,19 +719,25 @@ class SmtpSession(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
-        reply = Reply("354", "End data with <CR><LF>.<CR><LF>")
-        await self._hook("data", reply)
-        if reply.code != "354":
-            await self.push(reply.line())
-            return
-        await self._push_raw(f"354 {reply.message}")
+        if "data" in self._hooks:
+            reply = Reply("354", "End data with <CR><LF>.<CR><LF>")
+            await self._hook("data", reply)
+            if reply.code != "354":
+                await self.push(reply.line())
+                return
+            await self._push_raw(f"354 {reply.message}")
+        else:
+            await self._send("354 End data with <CR><LF>.<CR><LF>")
         sink = BodySink(str(self.settings.spool.root / "tmp"), self.settings.memory_limit)
         try:
             line = await self._data_reply(sink)
         finally:
             sink.close()
             self._set_post_data_state()
-        await self.push(line)
+        if line[:1] == "2":
+            await self._send(line)      # queued: a 250 with its enhanced code
+        else:
+            await self.push(line)
 
     async def _data_reply(self, sink: BodySink) -> str:
         """Read the message, check it, queue it; the reply line to send."""
@@ -684,10 +753,13 @@ class SmtpSession(SMTP):
         if refusal:
             return refusal
         env = self._queue_envelope(sink.size)
-        reply = Reply("250", "2.0.0 Ok: queued as {0}")
-        await self._hook("have_data", reply, env)
-        if not reply.code.startswith("2"):
-            return reply.line()
+        hooks = self._hooks
+        reply = None
+        if hooks:
+            reply = Reply("250", "2.0.0 Ok: queued as {0}")
+            await self._hook("have_data", reply, env)
+            if not reply.code.startswith("2"):
+                return reply.line()
         nrcpt = len(env.recipients)  # as the client gave them (policies may rewrite)
         try:
             qid = await self._store(env, sink)
@@ -696,9 +768,12 @@ class SmtpSession(SMTP):
             return spool_reply(exc)
         s = self.session
         self._messages += 1
-        log.info("%s: client=%s, sasl_username=%s, from=<%s>, size=%d, nrcpt=%d, tls=%s",
-                 qid, self._client(), s.auth_result or "", env.sender, sink.size,
-                 nrcpt, s.tls or "none")
+        if log.isEnabledFor(logging.INFO):
+            _info(f"{qid}: client={self._client()}, sasl_username={s.auth_result or ''}, "
+                  f"from=<{env.sender}>, size={sink.size}, nrcpt={nrcpt}, "
+                  f"tls={s.tls or 'none'}")
+        if reply is None:
+            return f"250 2.0.0 Ok: queued as {qid}"
         await self._hook("queued", reply, qid)
         if not reply.code.startswith("2"):
             log.error("%s: handle_queued changed a 250 after queueing; sending 250", qid)
