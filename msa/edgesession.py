@@ -211,7 +211,9 @@ class SmtpSession(SMTP):
         self.validators: SmtpValidators | None = None
         self._hooks = _NO_TABLE
         self._deadline = 0.0
+        self._timer_at = 0.0
         self._messages = 0
+        self._command_table = _commands(type(self))
         self._init_protocol(settings, asyncio.get_running_loop())
 
     @staticmethod
@@ -268,10 +270,11 @@ class SmtpSession(SMTP):
         first = self.transport is None
         super().connection_made(transport)
         if first:
-            self._implicit_tls = transport.get_extra_info("sslcontext") is not None
+            self._implicit_tls = self.settings.implicit_tls
             self._refused = not self.edge._register(self)
             self._registered = not self._refused
-        self.session.tls = tlsconf.describe(self.transport.get_extra_info("ssl_object"))
+        if self._tls_active():
+            self.session.tls = tlsconf.describe(self.transport.get_extra_info("ssl_object"))
         self.session.trusted = self.edge.is_trusted(self.session.client_ip)
         cls = self.settings.validator_class
         if cls is not None and cls is not SmtpValidators:
@@ -304,22 +307,28 @@ class SmtpSession(SMTP):
         return self._implicit_tls or self._tls_protocol is not None
 
     def _arm(self, seconds: float) -> None:
-        self._reset_timeout(seconds)
+        """The session's one timer: a new deadline moves it only when it
+        is earlier than the timer; a timer that fires early re-arms. Per
+        command this is a clock read and a compare."""
+        self._deadline = deadline = self.loop.time() + seconds
+        if deadline < self._timer_at:
+            self._timeout_handle.cancel()
+            self._timeout_handle = self.loop.call_at(deadline, self._timer_fired)
+            self._timer_at = deadline
+        elif self._timeout_handle is None:
+            self._timeout_handle = self.loop.call_at(deadline, self._timer_fired)
+            self._timer_at = deadline
 
     def _reset_timeout(self, duration: float | None = None) -> None:
-        """The session's one timer: a new deadline moves it only when it
-        is earlier than the timer; a timer that fires early re-arms."""
-        self._deadline = self.loop.time() + (duration or self._timeout_duration)
-        handle = self._timeout_handle
-        if handle is None or handle.cancelled() or self._deadline < handle.when():
-            if handle is not None:
-                handle.cancel()
-            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+        # aiosmtpd calls this (connection_made, STARTTLS).
+        self._arm(duration or self._timeout_duration)
 
     def _timer_fired(self) -> None:
         if self.loop.time() < self._deadline:
             self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+            self._timer_at = self._deadline
             return
+        self._timer_at = 0.0
         self._timeout_cb()
 
     def _timeout_cb(self) -> None:
@@ -339,6 +348,13 @@ class SmtpSession(SMTP):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.close()
+            self._abort_later(transport)
+
+    def _abort_later(self, transport: asyncio.BaseTransport) -> None:
+        """The abort timer of :meth:`_close_transport`, unless the close
+        is already complete: a plain TCP transport with nothing left to
+        write closes at once (no timer per connection)."""
+        if self._tls_active() or transport.get_write_buffer_size():
             self.loop.call_later(ABORT_AFTER, self._abort, transport)
 
     def _abort(self, transport: asyncio.BaseTransport) -> None:
@@ -421,7 +437,7 @@ class SmtpSession(SMTP):
                 return
         else:
             await self._send(f"220 {self.hostname} ESMTP msa")
-        while self.transport is not None:
+        while self.transport is not None and not self.transport.is_closing():
             if self.edge.stopping and not self.in_transaction:
                 await self._close_with(f"421 4.3.2 {self.hostname} Service shutting down")
                 return
@@ -446,8 +462,8 @@ class SmtpSession(SMTP):
                 return
 
     async def _one_command(self) -> None:
-        timeout = self.settings.command_timeout
-        self._idle = not self.in_transaction
+        timeout = self._timeout_duration
+        self._idle = self.envelope is None or self.envelope.mail_from is None
         self._arm(timeout)
         line = await self._read_line(smtpcmd.MAX_LINE_READ)
         self._idle = False
@@ -463,7 +479,7 @@ class SmtpSession(SMTP):
             await self.push(exc.reply())
             return
         self._command = verb
-        method = _commands(type(self)).get(verb)
+        method = self._command_table.get(verb)
         if method is None:
             await self.push("500 5.5.1 Error: command not recognized")
             return
@@ -476,7 +492,17 @@ class SmtpSession(SMTP):
         """One line through LF; None (after reading to its end) if longer
         than ``limit``. The stream buffer itself never holds more than
         aiosmtpd's line limit plus one read."""
-        buf, too_long = bytearray(), False
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            return await self._read_long_line(limit, await self._reader.read(exc.consumed))
+        return line if len(line) <= limit else None
+
+    async def _read_long_line(self, limit: int, first: bytes) -> bytes | None:
+        """The rest of a line longer than the stream's limit."""
+        buf, too_long = bytearray(first), len(first) > limit
+        if too_long:
+            buf = bytearray()
         while True:
             try:
                 part = await self._reader.readuntil(b"\n")
@@ -542,9 +568,13 @@ class SmtpSession(SMTP):
                                            f"250 {lines[-1]}"]))
 
     async def smtp_QUIT(self, arg: str | None) -> None:
-        await super().smtp_QUIT(arg)
-        if self.transport is not None and self.transport.is_closing():
-            self.loop.call_later(ABORT_AFTER, self._abort, self.transport)
+        """aiosmtpd's QUIT (``221 Bye``, then close), without cancelling
+        the command loop: it ends because the transport is closing."""
+        if arg:
+            await self.push("501 Syntax: QUIT")
+            return
+        await self._send("221 2.0.0 Bye")
+        self._close_transport()
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         if self._tls_active():
@@ -670,19 +700,26 @@ class SmtpSession(SMTP):
             await self.push(f"553 5.7.1 <{address}>: Sender address rejected: "
                             f"not owned by user {self.session.auth_result}")
             return
-        if "mail" in self._hooks:
-            reply = Reply("250", "2.1.0 Sender <{0}> ok")
-            await self._hook("mail", reply, address, smtpcmd.parse_params(rest))
-            if not reply.code.startswith("2"):
-                await self.push(reply.line(address))
-                return
-            line = reply.line(address)
-        else:
-            line = f"250 2.1.0 Sender <{address}> ok"
+        line = await self._address_reply("mail", "2.1.0 Sender <{0}> ok", address, rest)
+        if line is None:
+            return
         self.envelope.mail_from = address
         self.envelope.params = params
         self.envelope.smtp_utf8 = params.smtputf8
         await self._send(line)          # 2xx with its enhanced code already
+
+    async def _address_reply(self, hook: str, message: str, address: str,
+                             rest: str) -> str | None:
+        """The ``250`` line for MAIL or RCPT after the ``hook`` (if the
+        validators have one); None when the hook refused (already said)."""
+        if hook not in self._hooks:
+            return "250 " + message.replace("{0}", address)
+        reply = Reply("250", message)
+        await self._hook(hook, reply, address, smtpcmd.parse_params(rest))
+        if not reply.code.startswith("2"):
+            await self.push(reply.line(address))
+            return None
+        return reply.line(address)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         if not await self._ready(need_mail=True):
@@ -696,15 +733,9 @@ class SmtpSession(SMTP):
             # RFC 5321 §4.5.3.1.10: 452, the client sends the rest later.
             await self.push("452 4.5.3 Error: too many recipients")
             return
-        if "rcpt" in self._hooks:
-            reply = Reply("250", "2.1.5 Recipient <{0}> ok")
-            await self._hook("rcpt", reply, address, smtpcmd.parse_params(rest))
-            if not reply.code.startswith("2"):
-                await self.push(reply.line(address))
-                return
-            line = reply.line(address)
-        else:
-            line = f"250 2.1.5 Recipient <{address}> ok"
+        line = await self._address_reply("rcpt", "2.1.5 Recipient <{0}> ok", address, rest)
+        if line is None:
+            return
         self.envelope.recipients.append(queuefile.Recipient(
             address, notify=params.notify, orcpt=params.orcpt))
         self.envelope.rcpt_tos.append(address)
@@ -728,7 +759,7 @@ class SmtpSession(SMTP):
             await self._push_raw(f"354 {reply.message}")
         else:
             await self._send("354 End data with <CR><LF>.<CR><LF>")
-        sink = BodySink(str(self.settings.spool.root / "tmp"), self.settings.memory_limit)
+        sink = BodySink(self.settings.spool.root_s + "/tmp", self.settings.memory_limit)
         try:
             line = await self._data_reply(sink)
         finally:
@@ -741,17 +772,21 @@ class SmtpSession(SMTP):
 
     async def _data_reply(self, sink: BodySink) -> str:
         """Read the message, check it, queue it; the reply line to send."""
-        headers = smtpdata.HeaderCollector(self.settings.max_header_size)
+        # The header section is kept only for the From check of an
+        # authenticated user (AUTH is refused inside a transaction).
+        headers = (smtpdata.HeaderCollector(self.settings.max_header_size)
+                   if self.session.auth_result else None)
         end = await self._read_data(sink, headers)
         if end.error is not None:
             return end.error.reply()
         if sink.error is not None:
             log.warning("%s: cannot spill message to disk: %s", self._client(), sink.error)
             return spool_reply(sink.error)
-        headers.finish()
-        refusal = self._check_from(headers)
-        if refusal:
-            return refusal
+        if headers is not None:
+            headers.finish()
+            refusal = self._check_from(headers)
+            if refusal:
+                return refusal
         env = self._queue_envelope(sink.size)
         hooks = self._hooks
         reply = None
@@ -781,7 +816,7 @@ class SmtpSession(SMTP):
         return reply.line(qid)
 
     async def _read_data(self, sink: BodySink,
-                         headers: smtpdata.HeaderCollector) -> smtpdata.EndOfData:
+                         headers: smtpdata.HeaderCollector | None) -> smtpdata.EndOfData:
         reader = smtpdata.DataReader(self.settings.max_message_size)
         self._in_data = True
         try:
@@ -792,7 +827,8 @@ class SmtpSession(SMTP):
                     raise ConnectionResetError("connection closed during DATA")
                 for event in reader.feed(chunk):
                     if isinstance(event, smtpdata.Data):
-                        headers.feed(event.data)
+                        if headers is not None:
+                            headers.feed(event.data)
                         sink.write(event.data)
                     else:
                         self._unread(reader.trailing)
