@@ -53,7 +53,8 @@ def error(code: int, status: str, text: str) -> SmtpReplyError:
 
 def split_command(line: bytes) -> tuple[str, str]:
     """``b"MAIL FROM:<a@b>\\r\\n"`` -> ``("MAIL", "FROM:<a@b>")``."""
-    if not line.endswith(b"\r\n") or any(c in line[:-2] for c in b"\r\n\x00"):
+    if (not line.endswith(b"\r\n") or line.count(b"\r") != 1 or line.count(b"\n") != 1
+            or b"\x00" in line):
         raise error(500, "5.5.2", "Syntax error: bare CR, LF or NUL in command line")
     if len(line) > MAX_LINE_READ:
         raise error(500, "5.5.2", "Line too long")
@@ -87,6 +88,7 @@ def _mailbox_re(utf8: bool) -> re.Pattern[str]:
 
 _MAILBOX = {False: _mailbox_re(False), True: _mailbox_re(True)}
 _ADL = r"@[^,:<>\s]+(?:,@[^,:<>\s]+)*:"
+_ADL_RE = re.compile(_ADL)
 
 
 def _check_literal(domain: str) -> None:
@@ -117,7 +119,10 @@ def parse_path(text: str, null_ok: bool = False, utf8: bool = True) -> tuple[str
             raise error(501, "5.5.4", "Syntax error after address")
     else:
         inner, _, rest = text.partition(" ")
-    inner = re.sub(f"^{_ADL}", "", inner)
+    if inner[:1] == "@":
+        adl = _ADL_RE.match(inner)
+        if adl:
+            inner = inner[adl.end():]
     if inner == "":
         if null_ok and text.startswith("<"):
             return "", rest.strip()
@@ -127,12 +132,17 @@ def parse_path(text: str, null_ok: bool = False, utf8: bool = True) -> tuple[str
         if not utf8 and not inner.isascii():
             raise error(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
         raise error(553, "5.1.3", f"Bad address syntax <{inner}>")
-    if m.group("domain").startswith("["):
-        _check_literal(m.group("domain"))
-    if (len(m.group("local").encode()) > 64 or len(m.group("domain").encode()) > 255
-            or len(inner.encode()) > 254):
+    local, domain = m.group("local", "domain")
+    if domain[0] == "[":
+        _check_literal(domain)
+    if inner.isascii():          # octets are characters
+        too_long = len(local) > 64 or len(domain) > 255 or len(inner) > 254
+    else:
+        too_long = (len(local.encode()) > 64 or len(domain.encode()) > 255
+                    or len(inner.encode()) > 254)
+    if too_long:
         raise error(553, "5.1.3", "Address too long")
-    return inner, rest.strip()
+    return inner, rest.strip() if rest else rest
 
 
 # -- ESMTP parameters ---------------------------------------------------------
@@ -169,6 +179,8 @@ def parse_mail_params(text: str) -> MailParams:
     6531), RET and ENVID (RFC 3461 §4.3, §4.4), AUTH (RFC 4954 §5, accepted
     and ignored: we trust no other server's word about who sent it)."""
     out = MailParams()
+    if not text:
+        return out
     for key, value in parse_params(text).items():
         if key == "SIZE":
             if value is None or not value.isdigit() or len(value) > 20:
@@ -209,6 +221,8 @@ _NOTIFY_WORDS = {"SUCCESS", "FAILURE", "DELAY"}
 def parse_rcpt_params(text: str, utf8: bool = False) -> RcptParams:
     """RCPT parameters: NOTIFY and ORCPT (RFC 3461 §4.1, §4.2)."""
     out = RcptParams()
+    if not text:
+        return out
     for key, value in parse_params(text).items():
         if key == "NOTIFY":
             words = (value or "").upper().split(",")
