@@ -240,7 +240,28 @@ class PipeliningProtocol(SMTPProtocol):
             self._response_waiter = None if self.transport is None \
                 else self._loop.create_future()
             return waiter.result()
-        return await super().read_response(timeout)
+        if waiter is None or timeout is None or timeout <= 0:
+            return await super().read_response(timeout)
+        # What the parent does, with one timer instead of wait_for's
+        # extra future, timer and callbacks (two replies awaited per
+        # message). Cancelling the caller cancels the waiter, as there.
+        self._response_pending = True
+        timer = self._loop.call_later(timeout, _time_out, waiter)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            self._response_pending = False
+            self._response_waiter = None if self.transport is None \
+                else self._loop.create_future()
+
+
+def _time_out(waiter: asyncio.Future) -> None:
+    """The read timer of :meth:`PipeliningProtocol.read_response`: the
+    error aiosmtplib raises when its ``wait_for`` times out."""
+    if not waiter.done():
+        waiter.set_exception(aiosmtplib.SMTPReadTimeoutError(
+            "Timed out waiting for server response"))
 
 
 class StaleConnection(Exception):
@@ -804,9 +825,10 @@ class SmtpRelay:
         try:
             for i, r in enumerate(rcpts):
                 resp = replies[i + 1] if pipelined else await self._command(conn, rcpt_cmds[i])
-                results[r.address] = result_for(r.address, resp.code, resp.message, where)
                 if 200 <= resp.code < 300:
-                    accepted.append(r)
+                    accepted.append(r)  # its result is the reply to the data
+                else:
+                    results[r.address] = result_for(r.address, resp.code, resp.message, where)
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ValueError) as exc:
             conn.smtp.close()
             raise HostFailure(_session_error(exc, where)) from None
@@ -916,15 +938,21 @@ class SmtpRelay:
             # be kept for read_response, not dropped as unsolicited.
             protocol._response_pending = True
             stuffer = DotStuffer()
+            # Each chunk is written when the next one is known, and the
+            # last goes out with the end of data: a message of one chunk
+            # is one write (one send(2)) after the 354, not two.
+            held = b""
             for chunk in message.chunks():
-                protocol.write(stuffer.feed(chunk))
-                if protocol._paused or protocol._connection_lost:
-                    # Above the high-water mark (or gone): wait, bounded.
-                    # Otherwise _drain_helper would return at once, and
-                    # wait_for would still cost a task per chunk.
-                    await asyncio.wait_for(protocol._drain_helper(), self.data_timeout)
+                if held:
+                    protocol.write(held)
+                    if protocol._paused or protocol._connection_lost:
+                        # Above the high-water mark (or gone): wait, bounded.
+                        # Otherwise _drain_helper would return at once, and
+                        # wait_for would still cost a task per chunk.
+                        await asyncio.wait_for(protocol._drain_helper(), self.data_timeout)
+                held = stuffer.feed(chunk)
             protocol._response_pending = True
-            protocol.write(stuffer.finish())
+            protocol.write(held + stuffer.finish())
             resp = await protocol.read_response(timeout=self.data_timeout)
             conn.dirty = False  # RFC 5321 §4.1.1.4: the transaction is over
             return resp.code, resp.message, conn.alive

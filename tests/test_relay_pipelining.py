@@ -239,3 +239,50 @@ def test_idle_timer_counts_from_the_last_use(any_sink):
     assert opened == 1 and any_sink.connections == 1
     assert closed
     assert len(any_sink.wait_messages(5)) == 5
+
+
+def _silent_after(stop_at: bytes):
+    """A server offering PIPELINING that answers everything up to the
+    command starting with ``stop_at`` and then says nothing more (the
+    connection stays open)."""
+    async def serve(reader, writer):
+        writer.write(b"220 mute.test ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-mute.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+        answers = {b"MAIL": b"250 2.1.0 ok\r\n", b"RCPT": b"250 2.1.5 ok\r\n",
+                   b"DATA": b"354 go ahead\r\n"}
+        in_data = mute = False
+        while line := await reader.readline():
+            if in_data:
+                in_data = line != b".\r\n"
+                mute = mute or (not in_data and stop_at == b".")
+                if not in_data and not mute:
+                    writer.write(b"250 2.0.0 queued\r\n")
+                continue
+            verb = line[:4].upper()
+            mute = mute or verb == stop_at  # from here on, never a reply
+            if not mute:
+                writer.write(answers.get(verb, b"250 2.0.0 ok\r\n"))
+            in_data = verb == b"DATA" and not mute
+        writer.close()
+    return serve
+
+
+@pytest.mark.parametrize("stop_at,during", [(b"MAIL", ""), (b".", "while sending message data")])
+def test_reply_that_never_comes_times_out_and_defers(stop_at, during):
+    """No reply to the pipelined MAIL (the command timeout), or none to
+    the end of the data (the data timeout): the recipient is deferred
+    with "timed out", and the relay does not hang."""
+    from tests import support
+    port = support.free_port()
+
+    async def go():
+        server = await asyncio.start_server(_silent_after(stop_at), "127.0.0.1", port)
+        try:
+            relay = relay_to(Sink(port=port), command_timeout=0.5, data_timeout=0.5)
+            return await asyncio.wait_for(attempt_and_close(relay, envelope("a@x.test")), 20)
+        finally:
+            server.close()
+    (result,) = run_async(go())
+    assert (result.state, result.status) == ("deferred", "4.4.2"), result.reply
+    assert "timed out" in result.reply and during in result.reply
