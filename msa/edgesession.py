@@ -245,18 +245,16 @@ class SmtpSession(SMTP):
         self._auth_required = settings.require_auth
         self._handle_hooks = {}
 
-    def __getattr__(self, name: str) -> Any:
-        # Only for attributes not set: aiosmtpd's per-instance tables of
-        # bound methods, made on first use (HELP, AUTH), not per connection.
-        if name == "_smtp_methods":
-            value = {n: getattr(self, "smtp_" + n) for n in _commands(type(self))}
-        elif name == "_auth_methods":
-            value = {m: _AuthMechAttr(getattr(self, "auth_" + m), True)
-                     for m in ("PLAIN", "LOGIN")}
-        else:
-            raise AttributeError(name)
-        self.__dict__[name] = value
-        return value
+    # aiosmtpd's per-instance tables of bound methods, made on first use
+    # (HELP, AUTH), not per connection. cached_property, not __getattr__:
+    # a class with __getattr__ pays for it on every attribute read.
+    @functools.cached_property
+    def _smtp_methods(self) -> dict[str, Any]:
+        return {n: getattr(self, "smtp_" + n) for n in _commands(type(self))}
+
+    @functools.cached_property
+    def _auth_methods(self) -> dict[str, Any]:
+        return {m: _AuthMechAttr(getattr(self, "auth_" + m), True) for m in ("PLAIN", "LOGIN")}
 
     # -- connection ---------------------------------------------------------
 
@@ -874,13 +872,23 @@ class SmtpSession(SMTP):
     async def _store(self, env: queuefile.Envelope, sink: BodySink) -> str:
         self._arm(FOREVER)
         try:
-            loop = asyncio.get_running_loop()
             settings = self.settings
-            return await loop.run_in_executor(
-                store_pool(), store_message, settings.spool, settings.stage, env,
-                sink, self.edge.dir_sync, settings.stages, settings.max_policy_header)
+            return await store_pool().run(
+                self.loop, _store_detached, settings.spool, settings.stage, env,
+                sink.detach(), self.edge.dir_sync, settings.stages,
+                settings.max_policy_header)
         finally:
             self._arm(self.settings.command_timeout)
+
+
+def _store_detached(spool: Any, stage: str, env: queuefile.Envelope, body: BodySink,
+                    *args: Any) -> str:
+    """:func:`store_message` of a detached body, closed after (in the
+    store thread: a spilled body's file is closed there)."""
+    try:
+        return store_message(spool, stage, env, body, *args)
+    finally:
+        body.close()
 
 
 _command_tables: dict[type, dict[str, Any]] = {}

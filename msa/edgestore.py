@@ -13,7 +13,10 @@ Invariants:
   threads storing at the same time share one directory fsync). Only then
   may the caller say 250. It runs in a thread of :func:`store_pool` (the
   edge's own, so a slow disk does not hold up other users of the loop's
-  default executor, nor they the edge), one hand-off per message.
+  default executor, nor they the edge), one hand-off per message: a queue
+  put, and back one ``call_soon_threadsafe`` that resolves an asyncio
+  future (:class:`StorePool`; no concurrent.futures Future and chained
+  wrapper per message).
 - A message held in memory gets the ``[policies]`` first (unless
   ``[edge] apply_policies`` is off, or it splits), so the file the watcher
   finds needs only a rename into ``active/``; a spilled (large) message is
@@ -27,12 +30,13 @@ Invariants:
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import contextlib
 import errno
+import queue
 import tempfile
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from spool import SpoolFull
 from spool.group import ThreadGroupSync
@@ -43,17 +47,74 @@ from .watcher import apply_in_memory
 # Threads writing queue files at once: fsyncs in flight together let the
 # filesystem journal commit them together.
 STORE_WORKERS = 32
-_store_pool: concurrent.futures.ThreadPoolExecutor | None = None
 _lock = threading.Lock()
 _dir_syncs: dict[str, ThreadGroupSync] = {}
 
 
-def store_pool() -> concurrent.futures.ThreadPoolExecutor:
+class StorePool:
+    """At most ``workers`` threads running calls for event loops. A thread
+    is started only when no started one is free (as ThreadPoolExecutor
+    does); the threads are daemon threads: a call cut off at exit has not
+    been acknowledged, and its temp file is the spool's to recover."""
+
+    def __init__(self, workers: int, name: str = "msa-store"):
+        self.workers, self.name = workers, name
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0            # free threads not yet claimed by a call
+
+    def run(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any],
+            *args: Any) -> asyncio.Future:
+        """``fn(*args)`` in a thread; the future is resolved on ``loop``."""
+        future = loop.create_future()
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                start = False
+            else:
+                start = self._threads < self.workers
+                self._threads += start
+        self._queue.put((loop, future, fn, args))
+        if start:
+            threading.Thread(target=self._work, name=f"{self.name}-{self._threads}",
+                             daemon=True).start()
+        return future
+
+    def _work(self) -> None:
+        get, lock = self._queue.get, self._lock
+        while True:
+            loop, future, fn, args = get()
+            try:
+                result, error = fn(*args), None
+            except Exception as exc:
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_resolve, future, result, error)
+            except RuntimeError:        # the loop was closed meanwhile
+                pass
+            del loop, future, fn, args, result, error
+            with lock:
+                self._idle += 1
+
+
+def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():                   # the waiting session was cancelled
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+_store_pool: StorePool | None = None
+
+
+def store_pool() -> StorePool:
     global _store_pool
     with _lock:
         if _store_pool is None:
-            _store_pool = concurrent.futures.ThreadPoolExecutor(
-                STORE_WORKERS, thread_name_prefix="msa-store")
+            _store_pool = StorePool(STORE_WORKERS)
         return _store_pool
 
 
@@ -99,6 +160,16 @@ class BodySink:
             if not data:
                 return
             yield data
+
+    def detach(self) -> "BodySink":
+        """A sink that owns this one's body, leaving this one empty: the
+        store thread gets the body, and the session closing its sink
+        (when the client leaves while the message is being stored) can no
+        longer take it away from under that thread."""
+        other = BodySink.__new__(BodySink)
+        other.__dict__.update(self.__dict__)
+        self.buf, self.file = bytearray(), None
+        return other
 
     def close(self) -> None:
         self.buf = bytearray()
