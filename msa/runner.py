@@ -37,9 +37,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import io
 import logging
 import os
 import random
+import threading
 import time
 from typing import Callable
 
@@ -48,14 +50,17 @@ from spool import DueIndex, GroupSync, Spool, StageWatcher, id_time, new_id, val
 from . import backoff
 from .config import ACTIVE, Config
 from .dsn import DsnRequest, RecipientReport, build_dsn, dsn_envelope, status_of
-from .queuefile import (Envelope, QueueFileError, Recipient, check_size, parse_iso,
-                        read_envelope, utc_iso)
-from .relay import FileMessage, RcptResult, relay_from_config
+from .queuefile import (MAGIC, MAX_ENVELOPE, Envelope, QueueFileError, Recipient, check_size,
+                        parse_envelope, parse_iso, read_envelope, utc_iso)
+from .relay import BytesMessage, FileMessage, RcptResult, relay_from_config
 
 log = logging.getLogger("msa.runner")
 
 COPY_CHUNK = 1 << 20
 MAX_BUSY = 10000
+# A queue file up to this size is read whole with one read(2) and sent
+# from memory; a larger one is read through a file object and streamed.
+READ_WHOLE = 65536
 
 
 class Runner:
@@ -171,7 +176,7 @@ class Runner:
                 pass
 
     async def _submit(self, stage: str, name: str) -> bool:
-        if name in self.pending or not valid_name(name):
+        if name in self.pending or not _valid_name(name):
             return False
         self.pending.add(name)
         await self._queue.put((stage, name))
@@ -302,21 +307,21 @@ class Runner:
             return
         self._busy.pop(qid, None)
         try:
-            f = claim.open()
+            # What Claim.open() opens, without a buffered file object.
+            f = _QueueFile(os.open(claim.fspath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
         except FileNotFoundError:
             claim.release()
             return
         try:
             with f:
                 try:
-                    env, offset = read_envelope(f)
-                    check_size(f, env, offset)
+                    env, offset, message = f.load()
                 except QueueFileError as exc:
                     log.warning("%s: corrupt queue file: %s", qid, exc)
                     await asyncio.to_thread(claim.quarantine, str(exc))
                     return
                 try:
-                    await self._deliver(claim, f, env, offset, qid)
+                    await self._deliver(claim, f, env, offset, qid, message)
                 except Exception:
                     # A bug or an I/O error: leave the message for later
                     # rather than retrying it in a tight loop.
@@ -350,7 +355,8 @@ class Runner:
             task.add_done_callback(self._retry_tasks.discard)
         asyncio.get_running_loop().call_later(0.1 * 2 ** tries, again)
 
-    async def _deliver(self, claim, f, env: Envelope, offset: int, qid: str) -> None:
+    async def _deliver(self, claim, f, env: Envelope, offset: int, qid: str,
+                       message=None) -> None:
         start = self.clock()
         arrival = _arrival(env, qid)
         null_sender = env.sender == ""
@@ -360,7 +366,9 @@ class Runner:
         if not todo:
             await self._finish(claim, qid)
             return
-        results = await self.relay.attempt(env, FileMessage(f, offset, int(env.size)), todo)
+        if message is None:
+            message = FileMessage(f, offset, int(env.size))
+        results = await self.relay.attempt(env, message, todo)
         now = self.clock()
         self.delivered_attempts += 1
         failed: list[tuple[Recipient, RcptResult, str]] = []
@@ -418,11 +426,11 @@ class Runner:
         durable is shared by the deliveries finishing at the same time
         (GroupSync). Until it is durable a crash may bring the file back:
         a duplicate, never a loss."""
-        directory = os.path.dirname(claim.fspath)
+        stage = claim.stage
         claim.done(sync_dir=False)
-        sync = self._dir_syncs.get(directory)
+        sync = self._dir_syncs.get(stage)
         if sync is None:
-            sync = self._dir_syncs[directory] = GroupSync(directory)
+            sync = self._dir_syncs[stage] = GroupSync(f"{self.spool.root_s}/{stage}")
         await sync.sync()
         if log.isEnabledFor(logging.INFO):
             _info(qid + ": removed")
@@ -533,11 +541,94 @@ def _parse_utc(text: str) -> float:
 _WORD = {"sent": "sent", "failed": "bounced", "deferred": "deferred"}
 
 
+class _QueueFile:
+    """A queue file open for reading (a descriptor): :meth:`load` reads a
+    small file whole with one ``read(2)`` and parses the envelope from
+    that, with :func:`queuefile.read_envelope`'s rules and errors."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __enter__(self) -> "_QueueFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+    def load(self):
+        """(envelope, offset of the message, the message to send)."""
+        data = os.read(self.fd, READ_WHOLE)
+        if len(data) < READ_WHOLE:  # the whole file
+            env, offset = _envelope_of(data)
+            check_size(self, env, offset)
+            return env, offset, BytesMessage(data[offset:])
+        with os.fdopen(self.fd, "rb", closefd=False) as f:
+            f.seek(0)
+            env, offset = read_envelope(f)
+        check_size(self, env, offset)
+        return env, offset, FileMessage(self, offset, int(env.size))
+
+
+def _envelope_of(data: bytes) -> tuple[Envelope, int]:
+    """:func:`queuefile.read_envelope` of a whole file's bytes: the
+    envelope ends at the first empty line; anything unusual (no magic
+    line, no end, too large) goes through ``read_envelope`` itself for
+    its exact error."""
+    end = data.find(b"\n\n", len(MAGIC) - 1)
+    if end < 0 or end + 1 > MAX_ENVELOPE or not data.startswith(MAGIC):
+        return read_envelope(io.BytesIO(data))
+    return parse_envelope(data[:end + 1]), end + 2
+
+
+def _valid_name(name: str) -> bool:
+    """:func:`spool.valid_name`, with one C-level ``isalnum`` for the
+    usual queue id instead of a test per character."""
+    if name.isalnum() and len(name) <= 64:
+        return True
+    return valid_name(name)
+
+
+_template: dict | None = None   # the fields of an INFO record of this logger
+_template_thread: threading.Thread | None = None   # ... made in this thread
+
+
 def _info(text: str) -> None:
     """One INFO line, formatted already: the per-message lines skip
     ``Logger._log``'s caller lookup (a stack walk) and %-formatting of
-    arguments; the caller checks ``log.isEnabledFor(logging.INFO)``."""
-    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, text, None, None))
+    arguments; the caller checks ``log.isEnabledFor(logging.INFO)``.
+
+    The record is a copy of one made once by ``makeRecord`` (the same
+    fields: level, file, thread, process names) with the message and the
+    times set, instead of ``LogRecord.__init__``'s work per line; a custom
+    record factory, or another thread, gets ``makeRecord``."""
+    global _template, _template_thread
+    template = _template
+    if (template is None or threading.current_thread() is not _template_thread
+            or logging.getLogRecordFactory() is not logging.LogRecord):
+        record = log.makeRecord(log.name, logging.INFO, __file__, 0, text, None, None)
+        # Python 3.12's taskName differs from one task to the next: no copies.
+        if (logging.getLogRecordFactory() is logging.LogRecord
+                and "taskName" not in record.__dict__):
+            _template, _template_thread = dict(record.__dict__), threading.current_thread()
+        log.handle(record)
+        return
+    record = _new_record(logging.LogRecord)
+    fields = record.__dict__
+    fields.update(template)
+    fields["msg"] = text
+    fields["created"] = now = time.time()
+    fields["msecs"] = int((now - int(now)) * 1000) + 0.0
+    fields["relativeCreated"] = (now - _log_start) * 1000
+    log.handle(record)
+
+
+_new_record = object.__new__
+_log_start = getattr(logging, "_startTime", time.time())
 
 
 def _log_result(qid: str, res: RcptResult, delay: float) -> None:

@@ -305,3 +305,82 @@ def test_file_arriving_under_someone_elses_claim_is_picked_up(tmp_path, sink):
             claim.release()
             await h.until(lambda: sink.messages and h.queue_empty(), timeout=10)
     run(go())
+
+
+def test_small_and_large_files_are_relayed_intact(tmp_path, sink, monkeypatch):
+    """A queue file read whole (one read, sent from memory) and one larger
+    than runner.READ_WHOLE (streamed from the file) reach the server with
+    the same bytes, dots and line ends included; a large file whose Size
+    is wrong is quarantined like a small one."""
+    from msa import runner
+    monkeypatch.setattr(runner, "READ_WHOLE", 4096)
+    big = MSG + b"".join(b".line %05d of a big message\r\n" % i for i in range(2000))
+    cfg = cfg_for(tmp_path, sink)
+
+    async def go():
+        async with RunnerHarness(cfg) as h:
+            write_queue_file(h.spool, "active", "alice@example.org", ["bob@x.test"], MSG)
+            write_queue_file(h.spool, "active", "alice@example.org", ["carol@x.test"], big)
+            bad = write_queue_file(h.spool, "active", "alice@example.org", ["dan@x.test"], big,
+                                   size=str(len(big) - 1))
+            await h.until(lambda: len(sink.messages) == 2 and h.names("corrupt") == [bad]
+                          and not h.names("active"), what="two deliveries, one quarantine")
+    run(go())
+    got = {m.rcpt_tos[0]: m.data for m in sink.messages}
+    assert got == {"bob@x.test": MSG, "carol@x.test": big}
+
+
+ENVELOPE_CASES = [
+    b"MSA-Queue-File: 1\nSender: <a@b>\nSize: 3\nRecipient: pending <c@d>\n\nabc",
+    b"MSA-Queue-File: 1\nSender: <a@b>\nSize: 4\n\n\n\nab",       # empty lines in the message
+    b"MSA-Queue-File: 1\n\nabc",                                     # no Sender: error
+    b"MSA-Queue-File: 1\nSender: <a@b>\nSize: 3\n",                  # no end
+    b"MSA-Queue-File: 1\nSender: <a@b>\nSize: 3",                    # truncated line
+    b"MSA-Queue-File: 2\nSender: <a@b>\n\nabc",                      # other magic
+    b"From: x\n\nabc",
+    b"",
+    b"MSA-Queue-File: 1\nSender: <a@b>\nBogus line\n\nabc",
+    b"MSA-Queue-File: 1\nSender: <a@b>\nSize: 3\r\n\nabc",
+    b"MSA-Queue-File: 1\nSender: <a@b>\nX-" + b"y" * 60 + b": z\n\nabc",  # long: see limit below
+]
+
+
+@pytest.mark.parametrize("limit", [4 * 1024 * 1024, 40, 47, 48, 49, 90])
+@pytest.mark.parametrize("data", ENVELOPE_CASES)
+def test_envelope_of_bytes_is_read_envelope(data, limit, monkeypatch):
+    """The runner's reader of a whole file's bytes gives what
+    queuefile.read_envelope gives (envelope, offset), or the same error,
+    also around the envelope size limit."""
+    import io
+    from msa import queuefile, runner
+    monkeypatch.setattr(queuefile, "MAX_ENVELOPE", limit)
+    monkeypatch.setattr(runner, "MAX_ENVELOPE", limit)
+
+    def outcome(fn):
+        try:
+            env, offset = fn()
+        except queuefile.QueueFileError as exc:
+            return "error", str(exc)
+        return repr(env), offset
+    expected = outcome(lambda: queuefile.read_envelope(io.BytesIO(data)))
+    assert outcome(lambda: runner._envelope_of(data)) == expected
+
+
+def test_info_records_are_those_of_makerecord(caplog):
+    """The copied log records of the per-message lines carry the fields a
+    record made by the logger has (a formatter may use any of them)."""
+    from msa import runner
+    caplog.set_level(logging.INFO, logger="msa.runner")
+    for i in range(3):
+        runner._info(f"Q{i}: removed")
+    ref = runner.log.makeRecord(runner.log.name, logging.INFO, runner.__file__, 0, "x",
+                                None, None)
+    records = [r for r in caplog.records if r.name == "msa.runner"]
+    assert [r.getMessage() for r in records] == ["Q0: removed", "Q1: removed", "Q2: removed"]
+    for r in records:
+        assert type(r) is logging.LogRecord
+        assert set(vars(ref)) <= set(vars(r))
+        for key in ("levelname", "levelno", "pathname", "filename", "module", "thread",
+                    "threadName", "process", "processName", "args", "exc_info", "name"):
+            assert getattr(r, key) == getattr(ref, key), key
+        assert abs(r.created - ref.created) < 60 and r.msecs == int((r.created % 1) * 1000)
