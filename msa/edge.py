@@ -61,7 +61,7 @@ from . import policies, tlsconf
 from .auth import PasswdFileAuth, SenderPolicy, TrustedNetworks
 from .config import Config, ConfigError, EdgeConfig
 from .edgesession import ABORT_AFTER, SmtpSession
-from .edgestore import ThreadGroupSync, dir_sync_for
+from .edgestore import DirSyncer, dir_syncer_for
 
 log = logging.getLogger("msa.edge")
 
@@ -169,7 +169,7 @@ class SmtpEdge:
             memory_limit=memory_limit, max_header_size=max_header_size,
             stages=_edge_stages(policies), max_policy_header=max_policy_header)
         self.policies_from_config = False
-        self.dir_sync: ThreadGroupSync | None = None   # made by start()
+        self.dir_syncer: DirSyncer | None = None   # made by start()
         self.stopping = False
         self._server: asyncio.AbstractServer | None = None
         self._sessions: set[SmtpSession] = set()
@@ -182,7 +182,7 @@ class SmtpEdge:
     async def start(self) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
-        self.dir_sync = dir_sync_for(s.spool, s.stage)
+        self.dir_syncer = dir_syncer_for(s.spool, s.stage)
         self.stopping = False
         self._drained = asyncio.Event()
         self._drained.set()

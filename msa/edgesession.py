@@ -30,10 +30,11 @@ has one line per message (``queued``); connect and disconnect lines are
 DEBUG unless the session queued nothing or had errors.
 
 Durability (DESIGN invariant 1): ``250`` is sent only after the queue file
-was written in ``tmp/``, fsynced and renamed into ``incoming/``, and a
-directory fsync that began after the rename has completed, all in one
-worker thread (:func:`msa.edgestore.store_message`; the directory fsync
-is shared by the sessions storing at the same time).
+was written in ``tmp/``, fsynced and renamed into ``incoming/`` in a
+store thread (:func:`msa.edgestore.write_message`), and a directory fsync
+that began after the rename has completed (the stage's
+:class:`msa.edgestore.DirSyncer`, shared by the sessions storing at the
+same time, resolves the session's future only then).
 Nothing is acknowledged on any error: a refused DATA leaves no file.
 """
 
@@ -52,7 +53,7 @@ from aiosmtpd.smtp import Session as _AioSession, TLSSetupException
 from spool import SpoolError, new_id
 
 from . import queuefile, smtpcmd, smtpdata, tlsconf
-from .edgestore import BodySink, spool_reply, store_message, store_pool
+from .edgestore import BodySink, spool_reply, store_pool, write_message
 from .auth import CredentialsInvalidError, auth_backend
 from .errors import MsaError
 from .validators import Reply, SmtpValidators, enhance
@@ -874,19 +875,19 @@ class SmtpSession(SMTP):
         try:
             settings = self.settings
             return await store_pool().run(
-                self.loop, _store_detached, settings.spool, settings.stage, env,
-                sink.detach(), self.edge.dir_sync, settings.stages,
-                settings.max_policy_header)
+                self.loop, _write_detached, settings.spool, settings.stage, env,
+                sink.detach(), settings.stages, settings.max_policy_header,
+                then=self.edge.dir_syncer)
         finally:
             self._arm(self.settings.command_timeout)
 
 
-def _store_detached(spool: Any, stage: str, env: queuefile.Envelope, body: BodySink,
+def _write_detached(spool: Any, stage: str, env: queuefile.Envelope, body: BodySink,
                     *args: Any) -> str:
-    """:func:`store_message` of a detached body, closed after (in the
+    """:func:`write_message` of a detached body, closed after (in the
     store thread: a spilled body's file is closed there)."""
     try:
-        return store_message(spool, stage, env, body, *args)
+        return write_message(spool, stage, env, body, *args)
     finally:
         body.close()
 

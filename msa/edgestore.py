@@ -11,12 +11,17 @@ Invariants:
   the stage directory that began after the rename has completed (one
   :class:`spool.group.ThreadGroupSync` per directory and process: the
   threads storing at the same time share one directory fsync). Only then
-  may the caller say 250. It runs in a thread of :func:`store_pool` (the
-  edge's own, so a slow disk does not hold up other users of the loop's
-  default executor, nor they the edge), one hand-off per message: a queue
-  put, and back one ``call_soon_threadsafe`` that resolves an asyncio
-  future (:class:`StorePool`; no concurrent.futures Future and chained
-  wrapper per message).
+  may the caller say 250.
+- The edge itself runs :func:`write_message` (the same, up to the rename)
+  in a thread of :func:`store_pool` (the edge's own, so a slow disk does
+  not hold up other users of the loop's default executor, nor they the
+  edge), which then hands the session's future to the stage's
+  :class:`DirSyncer`: one thread that fsyncs the directory for every
+  rename handed in before that fsync began, and resolves that batch's
+  futures with one ``call_soon_threadsafe``. A store thread never waits
+  for the directory, and the loop is woken once per directory fsync, not
+  once per message (no concurrent.futures Future, Condition or chained
+  wrapper per message either).
 - A message held in memory gets the ``[policies]`` first (unless
   ``[edge] apply_policies`` is off, or it splits), so the file the watcher
   finds needs only a rename into ``active/``; a spilled (large) message is
@@ -39,6 +44,7 @@ import threading
 from typing import Any, Callable, Iterator
 
 from spool import SpoolFull
+from spool.core import fsync_dir
 from spool.group import ThreadGroupSync
 
 from . import queuefile
@@ -49,6 +55,7 @@ from .watcher import apply_in_memory
 STORE_WORKERS = 32
 _lock = threading.Lock()
 _dir_syncs: dict[str, ThreadGroupSync] = {}
+_dir_syncers: dict[str, "DirSyncer"] = {}
 
 
 class StorePool:
@@ -65,8 +72,10 @@ class StorePool:
         self._idle = 0            # free threads not yet claimed by a call
 
     def run(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any],
-            *args: Any) -> asyncio.Future:
-        """``fn(*args)`` in a thread; the future is resolved on ``loop``."""
+            *args: Any, then: "DirSyncer | None" = None) -> asyncio.Future:
+        """``fn(*args)`` in a thread; the future is resolved on ``loop``
+        (with ``then``: its result is handed to ``then.add``, which
+        resolves it once the directory is synced)."""
         future = loop.create_future()
         with self._lock:
             if self._idle:
@@ -75,7 +84,7 @@ class StorePool:
             else:
                 start = self._threads < self.workers
                 self._threads += start
-        self._queue.put((loop, future, fn, args))
+        self._queue.put((loop, future, fn, args, then))
         if start:
             threading.Thread(target=self._work, name=f"{self.name}-{self._threads}",
                              daemon=True).start()
@@ -84,18 +93,30 @@ class StorePool:
     def _work(self) -> None:
         get, lock = self._queue.get, self._lock
         while True:
-            loop, future, fn, args = get()
+            loop, future, fn, args, then = get()
             try:
                 result, error = fn(*args), None
             except Exception as exc:
                 result, error = None, exc
-            try:
-                loop.call_soon_threadsafe(_resolve, future, result, error)
-            except RuntimeError:        # the loop was closed meanwhile
-                pass
-            del loop, future, fn, args, result, error
+            if then is not None and error is None:
+                then.add(loop, future, result)
+            else:
+                _call_soon(loop, _resolve, future, result, error)
+            del loop, future, fn, args, then, result, error
             with lock:
                 self._idle += 1
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(*args)
+    except RuntimeError:                # the loop was closed meanwhile
+        pass
+
+
+def _resolve_all(batch: list, error: BaseException | None) -> None:
+    for future, result in batch:
+        _resolve(future, result, error)
 
 
 def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
@@ -189,12 +210,80 @@ def dir_sync_for(spool, stage: str) -> ThreadGroupSync:
         return sync
 
 
+class DirSyncer:
+    """Group commit of one directory's fsyncs for futures of event loops.
+    :meth:`add` (called after the rename) queues a future; one daemon
+    thread takes everything queued, fsyncs the directory (so that fsync
+    began after each of those renames), and resolves those futures with
+    the given results, or all with the fsync's error, with one
+    ``call_soon_threadsafe`` per loop and fsync."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fsyncs = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future,
+            result: Any) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="msa-dirsync", daemon=True)
+                    self._thread.start()
+        self._queue.put((loop, future, result))
+
+    def _run(self) -> None:
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        while True:
+            batch = [get()]
+            try:
+                while True:
+                    batch.append(get_nowait())
+            except queue.Empty:
+                pass
+            error = None
+            try:
+                fsync_dir(self.path)
+                self.fsyncs += 1
+            except OSError as exc:
+                error = exc
+            loops: dict[Any, list] = {}
+            for loop, future, result in batch:
+                loops.setdefault(loop, []).append((future, result))
+            for loop, items in loops.items():
+                _call_soon(loop, _resolve_all, items, error)
+            del batch, loops
+
+
+def dir_syncer_for(spool, stage: str) -> DirSyncer:
+    """The :class:`DirSyncer` of ``stage``'s directory in this process."""
+    path = f"{spool.root_s}/{stage}"
+    with _lock:
+        sync = _dir_syncers.get(path)
+        if sync is None:
+            sync = _dir_syncers[path] = DirSyncer(path)
+        return sync
+
+
 def store_message(spool, stage: str, env: queuefile.Envelope, sink: BodySink,
                   dir_sync: ThreadGroupSync | None = None,
                   stages: list | None = None, max_header: int = 0) -> str:
     """Write envelope + message into ``tmp/``, fsync, rename into the
     stage, then wait for a shared directory fsync that began after the
-    rename. Runs in a thread; when it returns the message is durable.
+    rename. Runs in a thread; when it returns the message is durable."""
+    qid = write_message(spool, stage, env, sink, stages, max_header)
+    (dir_sync or dir_sync_for(spool, stage)).sync()
+    return qid
+
+
+def write_message(spool, stage: str, env: queuefile.Envelope, sink: BodySink,
+                  stages: list | None = None, max_header: int = 0) -> str:
+    """Write envelope + message into ``tmp/``, fsync, rename into the
+    stage. NOT yet durable: the stage directory must be fsynced after
+    this returns (:class:`DirSyncer`) before anyone is told.
 
     With ``stages`` (policy lists), a message held in memory gets their
     policies first (:func:`msa.watcher.apply_in_memory`) unless it splits,
@@ -212,9 +301,7 @@ def store_message(spool, stage: str, env: queuefile.Envelope, sink: BodySink,
             w.write(new_env.to_bytes() + headers)
             with memoryview(sink.buf) as view:
                 w.write(view[body_offset:])
-        qid = w.commit(sync_dir=False)
-    (dir_sync or dir_sync_for(spool, stage)).sync()
-    return qid
+        return w.commit(sync_dir=False)
 
 
 def spool_reply(exc: BaseException) -> str:
