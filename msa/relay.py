@@ -67,6 +67,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 import aiosmtplib
 from aiosmtplib.protocol import (COMMAND_INJECTION_REGEX, MAX_LINE_LENGTH,
                                  MAX_RESPONSE_LENGTH, SMTPProtocol)
+from aiosmtplib.response import SMTPResponse
 
 from .dotstuff import DotStuffer
 from .dsn import status_of as enhanced_status
@@ -211,6 +212,19 @@ class PipeliningProtocol(SMTPProtocol):
     """
 
     owed = 0
+
+    def _read_response_from_buffer(self):
+        """The parent's parser, with a shortcut for the usual reply: one
+        line ``ddd text`` within the line limit (what the parent makes of
+        it, without its loop and copies); anything else goes to the parent."""
+        buf = self._buffer
+        end = buf.find(b"\n")
+        if 3 < end < MAX_LINE_LENGTH and buf[3] == 32 and buf[:3].isdigit():
+            response = SMTPResponse(int(buf[:3]), bytes(buf[4:end + 1].strip(b" \t\r\n"))
+                                    .decode("utf-8", "surrogateescape"))
+            del buf[:end + 1]
+            return response
+        return super()._read_response_from_buffer()
 
     def data_received(self, data: bytes) -> None:
         waiter = self._response_waiter

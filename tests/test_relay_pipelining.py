@@ -286,3 +286,35 @@ def test_reply_that_never_comes_times_out_and_defers(stop_at, during):
     (result,) = run_async(go())
     assert (result.state, result.status) == ("deferred", "4.4.2"), result.reply
     assert "timed out" in result.reply and during in result.reply
+
+
+REPLY_BUFFERS = [b"250 2.0.0 Ok: queued as X\r\n", b"250-a\r\n250 b\r\n", b"354 go ahead\r\n",
+                 b"550 5.1.1 \xff\xfe bad\r\n", b"250\r\n", b"250 \r\n", b" 25 x\r\n", b"abc d\r\n",
+                 b"250 partial", b"25", b"+25 x\r\n", b"250 ok\n", b"250 ok \t\r\n",
+                 b"421-x\r\n421 y\r\n250 z\r\n", b"250 " + b"x" * 1100 + b"\r\n",
+                 b"250 2.0.0 a\r\n250 b\r\n", b"", b"\r\n"]
+
+
+@pytest.mark.parametrize("data", REPLY_BUFFERS)
+def test_reply_parser_shortcut_is_aiosmtplib_parser(data):
+    """PipeliningProtocol's shortcut for one-line replies parses what
+    aiosmtplib's parser parses (replies, errors, what stays buffered)."""
+    from aiosmtplib.protocol import SMTPProtocol
+
+    from msa.relay import PipeliningProtocol
+    loop = asyncio.new_event_loop()
+    try:
+        outcomes = []
+        for proto in (PipeliningProtocol(loop=loop), SMTPProtocol(loop=loop)):
+            proto._buffer = bytearray(data)
+            seq = []
+            for _ in range(3):
+                try:
+                    reply = proto._read_response_from_buffer()
+                except Exception as exc:  # noqa: BLE001 - compared, not hidden
+                    reply = (type(exc).__name__, str(exc))
+                seq.append((reply, bytes(proto._buffer)))
+            outcomes.append(seq)
+    finally:
+        loop.close()
+    assert outcomes[0] == outcomes[1]
