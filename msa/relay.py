@@ -471,8 +471,9 @@ class _DestinationSlot:
         self.limits, self.key = limits, key
 
     async def __aenter__(self):
-        entry = self.limits._sems.setdefault(
-            self.key, [asyncio.Semaphore(self.limits.limit), 0])
+        entry = self.limits._sems.get(self.key)
+        if entry is None:  # not setdefault: no Semaphore made per delivery
+            entry = self.limits._sems[self.key] = [asyncio.Semaphore(self.limits.limit), 0]
         entry[1] += 1
         try:
             await entry[0].acquire()
@@ -1040,10 +1041,16 @@ class SmarthostRelay(SmtpRelay):
         self.port = p
         self.smarthost = MxHost(name, p, configured=True)
         self.auth = auth
+        self._last: Destination | None = None
 
     def destination(self, domain: str) -> Destination:
-        return Destination(f"smarthost:{self.smarthost.name}", [self.smarthost], domain,
-                           self.tls_mode, self.auth)
+        last = self._last  # the same domain as the last message's: reused (read only)
+        if last is not None and last.domain == domain and last.tls == self.tls_mode \
+                and last.auth == self.auth:
+            return last
+        self._last = Destination(f"smarthost:{self.smarthost.name}", [self.smarthost],
+                                 domain, self.tls_mode, self.auth)
+        return self._last
 
 
 def _smarthost_auth(rc) -> tuple[str, str] | None:
