@@ -53,7 +53,8 @@ from aiosmtpd.smtp import Session as _AioSession, TLSSetupException
 from spool import SpoolError, new_id
 
 from . import queuefile, smtpcmd, smtpdata, tlsconf
-from .edgestore import BodySink, spool_reply, store_pool, write_message
+from .edgestore import (BodySink, discard_writer, open_writer, spool_reply, store_pool,
+                        write_message)
 from .auth import CredentialsInvalidError, auth_backend
 from .errors import MsaError
 from .validators import Reply, SmtpValidators, enhance
@@ -759,17 +760,31 @@ class SmtpSession(SMTP):
         else:
             await self._send("354 End data with <CR><LF>.<CR><LF>")
         sink = BodySink(self.settings.spool.root_s + "/tmp", self.settings.memory_limit)
+        # The queue id is given now (Postfix gives it at MAIL) and, while
+        # few sessions compete, its file is created while the body arrives.
+        now = time.time()
+        qid = new_id(now)
+        opening = None
+        if len(self.edge._sessions) <= PRECREATE_MAX_SESSIONS:
+            s = self.settings
+            opening = store_pool().run(self.loop, open_writer, s.spool, s.stage, qid)
         try:
-            line = await self._data_reply(sink)
+            line = await self._data_reply(sink, qid, now, opening)
         finally:
             sink.close()
+            if opening is not None and not self._writer_used:
+                discard_writer(opening)
+            self._writer_used = False
             self._set_post_data_state()
         if line[:1] == "2":
             await self._send(line)      # queued: a 250 with its enhanced code
         else:
             await self.push(line)
 
-    async def _data_reply(self, sink: BodySink) -> str:
+    _writer_used = False
+
+    async def _data_reply(self, sink: BodySink, qid: str, now: float,
+                          opening: asyncio.Future | None) -> str:
         """Read the message, check it, queue it; the reply line to send."""
         # The header section is kept only for the From check of an
         # authenticated user (AUTH is refused inside a transaction).
@@ -786,7 +801,7 @@ class SmtpSession(SMTP):
             refusal = self._check_from(headers)
             if refusal:
                 return refusal
-        env = self._queue_envelope(sink.size)
+        env = self._queue_envelope(sink.size, qid, now)
         hooks = self._hooks
         reply = None
         if hooks:
@@ -796,7 +811,7 @@ class SmtpSession(SMTP):
                 return reply.line()
         nrcpt = len(env.recipients)  # as the client gave them (policies may rewrite)
         try:
-            qid = await self._store(env, sink)
+            qid = await self._store(env, sink, opening)
         except (SpoolError, OSError, queuefile.QueueFileError) as exc:
             log.warning("%s: queue file write error: %s", self._client(), exc)
             return spool_reply(exc)
@@ -859,24 +874,32 @@ class SmtpSession(SMTP):
                 return f"553 5.7.1 From address <{address}> not owned by user {user}"
         return None
 
-    def _queue_envelope(self, size: int) -> queuefile.Envelope:
+    def _queue_envelope(self, size: int, qid: str, now: float) -> queuefile.Envelope:
         s, t = self.session, self.envelope
-        now = time.time()
         return queuefile.Envelope(
-            sender=t.mail_from, recipients=list(t.recipients), queue_id=new_id(now),
+            sender=t.mail_from, recipients=list(t.recipients), queue_id=qid,
             arrival=queuefile.utc_iso(now), origin="smtp", client_address=s.client_ip,
             client_name=s.host_name or "", helo=s.host_name or "", tls=s.tls,
             auth_user=s.auth_result or "", size=str(size), body=t.params.body,
             smtputf8="yes" if t.params.smtputf8 else "", ret=t.params.ret,
             envid=t.params.envid)
 
-    async def _store(self, env: queuefile.Envelope, sink: BodySink) -> str:
+    async def _store(self, env: queuefile.Envelope, sink: BodySink,
+                     opening: asyncio.Future | None) -> str:
         self._arm(FOREVER)
         try:
             settings = self.settings
+            writer = None
+            if opening is not None:
+                try:
+                    writer = await opening  # its failure (a full disk) is the store's
+                finally:
+                    self._writer_used = True
+                    if writer is None:      # failed, or this session was cancelled
+                        discard_writer(opening)
             return await store_pool().run(
                 self.loop, _write_detached, settings.spool, settings.stage, env,
-                sink.detach(), settings.stages, settings.max_policy_header,
+                sink.detach(), settings.stages, settings.max_policy_header, writer,
                 then=self.edge.dir_syncer)
         finally:
             self._arm(self.settings.command_timeout)
@@ -891,6 +914,11 @@ def _write_detached(spool: Any, stage: str, env: queuefile.Envelope, body: BodyS
     finally:
         body.close()
 
+
+# Up to this many sessions, a message's queue file is created while its
+# body arrives (latency counts most when few clients wait); beyond, the
+# store threads are busy anyway and a second hand-off would only cost CPU.
+PRECREATE_MAX_SESSIONS = 4
 
 _command_tables: dict[type, dict[str, Any]] = {}
 

@@ -279,19 +279,40 @@ def store_message(spool, stage: str, env: queuefile.Envelope, sink: BodySink,
     return qid
 
 
+def open_writer(spool, stage: str, qid: str):
+    """The queue file of ``qid``, created in ``tmp/`` (run in a store thread
+    while the body arrives: creating a file is the costly part of the
+    write on some filesystems)."""
+    return spool.writer(stage, qid)
+
+
+def discard_writer(opening: asyncio.Future) -> None:
+    """Remove a queue file opened by :func:`open_writer` that will not be
+    used (the transaction failed), now or once it is open."""
+    def abort(done: asyncio.Future) -> None:
+        if not done.cancelled() and done.exception() is None:
+            done.result().abort()
+    if opening.done():
+        abort(opening)
+    else:
+        opening.add_done_callback(abort)
+
+
 def write_message(spool, stage: str, env: queuefile.Envelope, sink: BodySink,
-                  stages: list | None = None, max_header: int = 0) -> str:
+                  stages: list | None = None, max_header: int = 0,
+                  writer=None) -> str:
     """Write envelope + message into ``tmp/``, fsync, rename into the
     stage. NOT yet durable: the stage directory must be fsynced after
     this returns (:class:`DirSyncer`) before anyone is told.
 
     With ``stages`` (policy lists), a message held in memory gets their
     policies first (:func:`msa.watcher.apply_in_memory`) unless it splits,
-    so the watcher only has to rename it."""
-    stamped = None
-    if stages and sink.file is None:
-        stamped = apply_in_memory(env, sink.buf, stages, max_header)
-    with spool.writer(stage, env.queue_id) as w:
+    so the watcher only has to rename it. ``writer``: the file, already
+    opened by :func:`open_writer` for ``env.queue_id``."""
+    with writer or spool.writer(stage, env.queue_id) as w:
+        stamped = None
+        if stages and sink.file is None:
+            stamped = apply_in_memory(env, sink.buf, stages, max_header)
         if stamped is None:
             w.write(env.to_bytes())
             for chunk in sink.chunks():
