@@ -156,6 +156,9 @@ class DaemonConfig:
     # "uvloop" (libuv: about a fifth less CPU per message in the edge and
     # the runner, bench/run.py) or "asyncio" (the standard library's).
     event_loop: str = "uvloop"
+    # nice(2) increment of the supervised watcher and runner: accepting,
+    # where a client waits, goes first; 0: all at the same priority.
+    background_nice: int = 10
 
 
 @dataclass

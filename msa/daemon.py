@@ -195,6 +195,15 @@ def settle_garbage_collector() -> None:
     gc.set_threshold(GC_THRESHOLD0, gen1, gen2)
 
 
+def lower_priority(increment: int) -> None:
+    """``nice(2)`` by ``increment`` ([daemon] background_nice): the
+    supervised watcher and runner yield the CPU to the edge, where a
+    client waits for each reply; they catch up when it is idle."""
+    if increment:
+        os.nice(increment)
+        log.debug("running at nice %d", os.nice(0))
+
+
 EVENT_LOOPS = ("uvloop", "asyncio")
 
 
@@ -218,6 +227,9 @@ def run_loop(coro, cfg: config.Config):
     """Run ``coro`` to its end in a new event loop of the configured kind."""
     try:
         factory = loop_factory(cfg.daemon.event_loop)
+        if not 0 <= cfg.daemon.background_nice <= 19:
+            raise config.ConfigError(f"daemon.background_nice: {cfg.daemon.background_nice}"
+                                     " is not within 0..19")
     except config.ConfigError:
         coro.close()
         raise
@@ -345,6 +357,8 @@ class Daemon:
             loop.add_signal_handler(signal.SIGUSR1, self.runner.flush)
         log.info("started %s (pid %d)", "+".join(self.components), os.getpid())
         settle_garbage_collector()
+        if self.link is not None and "edge" not in self.components:
+            lower_priority(self.cfg.daemon.background_nice)
         if self.link is not None:
             watch = asyncio.create_task(self.link.watch_parent(self._stop), name="parent")
             self._notify(READY)

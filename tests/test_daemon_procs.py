@@ -67,6 +67,11 @@ def _read_so_far(proc, seen={}) -> str:  # noqa: B006 - per-process buffer
     return seen.get(fd, b"").decode(errors="replace")
 
 
+def _nice(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
 def test_pure_decisions():
     assert [restart_delay(n) for n in (1, 2, 3, 4, 7, 50)] == [1, 2, 4, 8, 60, 60]
     assert edge_workers(0, 8) == 4
@@ -91,6 +96,11 @@ def test_children_are_separate_processes_and_a_dead_one_is_restarted(setup, ca):
             assert os.getppid() != pid and _alive(pid)
             with open(f"/proc/{pid}/stat") as f:
                 assert int(f.read().rsplit(")", 1)[1].split()[1]) == proc.p.pid  # ppid
+        # [daemon] background_nice (default 10): the watcher and the runner
+        # yield the CPU to the edge.
+        base = _nice(proc.p.pid)
+        assert {name: _nice(pid) - base for name, pid in procs.items()} == {
+            name: 0 if name.startswith("edge") else 10 for name in procs}
         # kill -9 of the watcher: logged, started again, and it works.
         os.kill(procs["watch"], signal.SIGKILL)
         new = support.wait_for(lambda: (p := _ready(cfg)) and p["watch"] != procs["watch"]
@@ -205,12 +215,16 @@ def test_single_process_mode(setup, ca):
         assert proc.stop() == 0, proc.output()
 
 
-def test_an_unknown_event_loop_is_a_config_error(setup):
+@pytest.mark.parametrize("setting,error", [
+    ('event_loop = "tokio"', "daemon.event_loop: 'tokio' is not one of uvloop, asyncio"),
+    ("background_nice = 20", "daemon.background_nice: 20 is not within 0..19"),
+])
+def test_bad_daemon_settings_are_config_errors(setup, setting, error):
     path, cfg, _ = setup
-    path.write_text(path.read_text().replace("[daemon]\n", "[daemon]\nevent_loop = \"tokio\"\n"))
+    path.write_text(path.read_text().replace("[daemon]\n", f"[daemon]\n{setting}\n"))
     r = subprocess.run([sys.executable, str(support.BIN / "msa"), "daemon", "--config",
                         str(path)], capture_output=True, text=True, env=support.msa_env(),
                        timeout=60)
     assert r.returncode == 78, r.stderr
-    assert "daemon.event_loop: 'tokio' is not one of uvloop, asyncio" in r.stderr
+    assert error in r.stderr
     assert not os.path.exists(cfg.control_socket())
