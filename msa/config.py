@@ -150,8 +150,7 @@ class DaemonConfig:
     # (one GIL each); false runs them all in one process.
     processes: bool = True
     # Edge processes sharing the listening addresses (SO_REUSEPORT); 0:
-    # one per two CPUs, at least one (measured best on 2 CPUs, where the
-    # watcher and runner need the other).
+    # one per CPU, at most 8 (msa.supervisor.edge_workers).
     edge_workers: int = 0
     # "uvloop" (libuv: about a fifth less CPU per message in the edge and
     # the runner, bench/run.py) or "asyncio" (the standard library's).

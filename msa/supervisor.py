@@ -79,14 +79,22 @@ def restart_delay(failures: int) -> float:
     return min(RESTART_MAX, RESTART_MIN * 2 ** max(0, failures - 1))
 
 
+# The most edge processes ``edge_workers = 0`` makes (each is a Python
+# process of ~25 MB before its first connection).
+MAX_AUTO_EDGES = 8
+
+
 def edge_workers(setting: int, cpus: int) -> int:
-    """How many edge processes: ``setting``; 0 = one per two CPUs (at
-    least one). The watcher and the runner are a process each and take
-    more than half of the CPU a message costs, so edges on every CPU only
-    compete with them: on 2 CPUs one edge process measured better than
-    two at concurrency 1, 10 and 50 (``bench/run.py --edge-workers``; two
-    used about 1.5 times the CPU per message at 10 and 50)."""
-    return max(1, setting if setting > 0 else cpus // 2)
+    """How many edge processes: ``setting``; 0 = one per CPU, at least one
+    and at most :data:`MAX_AUTO_EDGES`. Accepting is where clients wait,
+    and the watcher and the runner (a process each, at a lower priority:
+    ``background_nice``) now take about a third of the CPU a message
+    costs: on 2 CPUs two edges accepted 10-16% more than one at
+    concurrency 10 and 50 (``bench/run.py --edge-workers``); at 1 the
+    difference was within the noise."""
+    if setting > 0:
+        return setting
+    return max(1, min(MAX_AUTO_EDGES, cpus))
 
 
 def parse_supervised(text: str) -> tuple[int, int]:

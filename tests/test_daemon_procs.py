@@ -74,9 +74,11 @@ def _nice(pid: int) -> int:
 
 def test_pure_decisions():
     assert [restart_delay(n) for n in (1, 2, 3, 4, 7, 50)] == [1, 2, 4, 8, 60, 60]
-    assert edge_workers(0, 8) == 4
-    assert edge_workers(0, 2) == 1
+    assert edge_workers(0, 8) == 8
+    assert edge_workers(0, 32) == 8
+    assert edge_workers(0, 2) == 2
     assert edge_workers(3, 8) == 3
+    assert edge_workers(12, 4) == 12
     assert edge_workers(0, 1) == 1
     assert edge_workers(0, 0) == 1
     assert parse_supervised("12:5") == (12, 5)
