@@ -88,6 +88,7 @@ class Runner:
         self._done = asyncio.Event()
         self._grace = 0.0
         self._watcher: StageWatcher | None = None
+        self._unread: list[tuple[str, str]] = []   # read by readable(), not queued yet
         self._notes: list[tuple[str, float]] | None = None
         self._busy: dict[str, int] = {}
         self._next_wake = 0.0             # when the due feeder looks again
@@ -160,13 +161,25 @@ class Runner:
 
     def _add_reader(self) -> None:
         loop = asyncio.get_running_loop()
+        watcher, queue = self._watcher, self._queue
 
         def readable():
-            # Stop watching until the feeder has read the events, or the
-            # loop would call us again and again while it waits for room.
-            loop.remove_reader(self._watcher.fileno())
+            # The usual wake-up (a file renamed into active/ while there is
+            # room): queue its name here, with no hop through the feeder
+            # task and the reader left in place. Anything else (no room,
+            # an overflow to rescan) goes to the feeder: stop watching until
+            # it has read the events, or the loop would call us again and
+            # again while it waits for room.
+            if not queue.full() and not watcher.need_rescan:
+                events = watcher.read(timeout_ms=0)
+                while events and not queue.full():
+                    self._offer(*events.pop(0))
+                if not events and not watcher.need_rescan:
+                    return
+                self._unread = events
+            loop.remove_reader(watcher.fileno())
             self._wake_active.set()
-        loop.add_reader(self._watcher.fileno(), readable)
+        loop.add_reader(watcher.fileno(), readable)
 
     def _remove_reader(self) -> None:
         if self._watcher is not None:
@@ -174,6 +187,12 @@ class Runner:
                 asyncio.get_running_loop().remove_reader(self._watcher.fileno())
             except (ValueError, OSError):
                 pass
+
+    def _offer(self, stage: str, name: str) -> None:
+        """:meth:`_submit` for a queue known to have room."""
+        if name not in self.pending and _valid_name(name):
+            self.pending.add(name)
+            self._queue.put_nowait((stage, name))
 
     async def _submit(self, stage: str, name: str) -> bool:
         if name in self.pending or not _valid_name(name):
@@ -195,6 +214,9 @@ class Runner:
                 for stage, name in watcher.rescan():  # streamed: scandir
                     await self._submit(stage, name)
             self._wake_active.clear()
+            unread, self._unread = self._unread, []
+            for stage, name in unread:
+                await self._submit(stage, name)
             for stage, name in watcher.read(timeout_ms=0):
                 await self._submit(stage, name)
             self._add_reader()
