@@ -46,6 +46,7 @@ import time
 from typing import Callable
 
 from spool import DueIndex, GroupSync, Spool, StageWatcher, id_time, new_id, valid_name
+from spool.core import fsync_dir
 
 from . import backoff
 from .config import ACTIVE, Config
@@ -453,7 +454,13 @@ class Runner:
         sync = self._dir_syncs.get(stage)
         if sync is None:
             sync = self._dir_syncs[stage] = GroupSync(f"{self.spool.root_s}/{stage}")
-        await sync.sync()
+        if len(self.pending) <= 1:
+            # Alone (messages arriving one at a time): nobody to share the
+            # fsync with, so no thread hop, Condition and loop wake-up for
+            # it; it starts after the unlink, as the group's would.
+            fsync_dir(sync.path)
+        else:
+            await sync.sync()
         if log.isEnabledFor(logging.INFO):
             _info(qid + ": removed")
 
