@@ -776,12 +776,20 @@ class SmtpSession(SMTP):
                 discard_writer(opening)
             self._writer_used = False
             self._set_post_data_state()
-        if line[:1] == "2":
-            await self._send(line)      # queued: a 250 with its enhanced code
-        else:
-            await self.push(line)
+        try:
+            if line[:1] == "2":
+                await self._send(line)  # queued: a 250 with its enhanced code
+            else:
+                await self.push(line)
+        finally:
+            # A queued message is logged after its reply (the log write is
+            # not in the client's wait), and also when that reply fails.
+            if self._queued_log:
+                text, self._queued_log = self._queued_log, ""
+                _info(text)
 
     _writer_used = False
+    _queued_log = ""
 
     async def _data_reply(self, sink: BodySink, qid: str, now: float,
                           opening: asyncio.Future | None) -> str:
@@ -818,9 +826,9 @@ class SmtpSession(SMTP):
         s = self.session
         self._messages += 1
         if log.isEnabledFor(logging.INFO):
-            _info(f"{qid}: client={self._client()}, sasl_username={s.auth_result or ''}, "
-                  f"from=<{env.sender}>, size={sink.size}, nrcpt={nrcpt}, "
-                  f"tls={s.tls or 'none'}")
+            self._queued_log = (f"{qid}: client={self._client()}, "
+                                f"sasl_username={s.auth_result or ''}, from=<{env.sender}>, "
+                                f"size={sink.size}, nrcpt={nrcpt}, tls={s.tls or 'none'}")
         if reply is None:
             return f"250 2.0.0 Ok: queued as {qid}"
         await self._hook("queued", reply, qid)
