@@ -34,7 +34,10 @@ was written in ``tmp/``, fsynced and renamed into ``incoming/`` in a
 store thread (:func:`msa.edgestore.write_message`), and a directory fsync
 that began after the rename has completed (the stage's
 :class:`msa.edgestore.DirSyncer`, shared by the sessions storing at the
-same time, resolves the session's future only then).
+same time, resolves the session's future only then). The edge's only
+client's message (held in memory) is stored the same way by the event
+loop itself: no thread hand-off in its wait. With 2 to 4 sessions the
+queue file is created while the body arrives.
 Nothing is acknowledged on any error: a refused DATA leaves no file.
 """
 
@@ -765,7 +768,7 @@ class SmtpSession(SMTP):
         now = time.time()
         qid = new_id(now)
         opening = None
-        if len(self.edge._sessions) <= PRECREATE_MAX_SESSIONS:
+        if 1 < len(self.edge._sessions) <= PRECREATE_MAX_SESSIONS:
             s = self.settings
             opening = store_pool().run(self.loop, open_writer, s.spool, s.stage, qid)
         try:
@@ -892,6 +895,20 @@ class SmtpSession(SMTP):
             smtputf8="yes" if t.params.smtputf8 else "", ret=t.params.ret,
             envid=t.params.envid)
 
+    def _store_here(self, env: queuefile.Envelope, sink: BodySink) -> str:
+        """The store of the edge's only client, by the event loop itself:
+        with nobody else to serve, handing the write to a thread and the
+        reply back would only add two thread wake-ups to the client's wait
+        (a new client meanwhile waits in the listen queue at most one
+        write; a message over the memory limit always goes to a thread).
+        Same steps and order: file fsync, rename, fsync of the stage
+        directory begun after the rename."""
+        settings = self.settings
+        qid = _write_detached(settings.spool, settings.stage, env, sink.detach(),
+                              settings.stages, settings.max_policy_header)
+        self.edge.dir_syncer.sync_now()
+        return qid
+
     async def _store(self, env: queuefile.Envelope, sink: BodySink,
                      opening: asyncio.Future | None) -> str:
         self._arm(FOREVER)
@@ -905,6 +922,8 @@ class SmtpSession(SMTP):
                     self._writer_used = True
                     if writer is None:      # failed, or this session was cancelled
                         discard_writer(opening)
+            if writer is None and sink.file is None and len(self.edge._sessions) == 1:
+                return self._store_here(env, sink)
             return await store_pool().run(
                 self.loop, _write_detached, settings.spool, settings.stage, env,
                 sink.detach(), settings.stages, settings.max_policy_header, writer,
@@ -923,9 +942,10 @@ def _write_detached(spool: Any, stage: str, env: queuefile.Envelope, body: BodyS
         body.close()
 
 
-# Up to this many sessions, a message's queue file is created while its
-# body arrives (latency counts most when few clients wait); beyond, the
-# store threads are busy anyway and a second hand-off would only cost CPU.
+# With 2 up to this many sessions, a message's queue file is created while
+# its body arrives (latency counts most when few clients wait); beyond,
+# the store threads are busy anyway and a second hand-off would only cost
+# CPU. A lone session's message is stored by the loop itself.
 PRECREATE_MAX_SESSIONS = 4
 
 _command_tables: dict[type, dict[str, Any]] = {}

@@ -227,6 +227,12 @@ class DirSyncer:
         self._thread: threading.Thread | None = None
         self._syncing = False
 
+    def sync_now(self) -> None:
+        """fsync the directory in the calling thread, now (raises OSError).
+        For a caller that renamed its file just before."""
+        fsync_dir(self.path)
+        self.inline += 1
+
     def add(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future,
             result: Any) -> None:
         # Nobody syncing (one client at a time): the calling store thread

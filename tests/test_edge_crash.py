@@ -84,7 +84,11 @@ def test_kill9_loses_no_acknowledged_message(tmp_path, ca, round_):
         read_queued(path)
 
 
-def test_fsync_rename_fsync_before_250(tmp_path):
+@pytest.mark.parametrize("bystander", [False, True], ids=["alone", "with another client"])
+def test_fsync_rename_fsync_before_250(tmp_path, bystander):
+    """Alone, the client's messages are stored by the edge's event loop;
+    with another client connected, by a store thread (the file created
+    while the body arrives) and the directory syncer. Same order both ways."""
     if not support.have("strace"):
         pytest.skip("strace not installed")
     port = support.free_port()
@@ -94,6 +98,7 @@ def test_fsync_rename_fsync_before_250(tmp_path):
                                 "sendto,write"],
                         open_port=port, spool=tmp_path / "spool")
     try:
+        other = RawClient(port) if bystander else None
         c = RawClient(port)
         c.cmd("EHLO client.test")
         qids = []
@@ -106,6 +111,8 @@ def test_fsync_rename_fsync_before_250(tmp_path):
             assert r.startswith("250 2.0.0 Ok: queued as "), r
             qids.append(r.rsplit(" ", 1)[1])
         c.cmd("QUIT")
+        if other is not None:
+            other.close()
     finally:
         proc.stop()
     calls = completed_calls(trace.read_text().splitlines())
@@ -120,6 +127,11 @@ def test_fsync_rename_fsync_before_250(tmp_path):
         dir_syncs = where(r"fsync\(\d+</[^>]*/incoming>.*= 0")
         assert file_sync < rename < reply
         assert any(rename < i < reply for i in dir_syncs), (rename, dir_syncs, reply)
+        # Which thread wrote the file: the one that sent the reply (alone)
+        # or another (with another client).
+        lines = trace.read_text().splitlines()
+        tid = {kind: lines[i].split()[0] for kind, i in (("sync", file_sync), ("reply", reply))}
+        assert (tid["sync"] != tid["reply"]) == bystander, tid
 
 
 def completed_calls(lines: list[str]) -> list[tuple[int, str]]:
