@@ -241,14 +241,8 @@ class DirSyncer:
             inline = not self._syncing
             self._syncing = True
         if inline:
-            error = None
-            try:
-                fsync_dir(self.path)
-                self.inline += 1
-            except OSError as exc:
-                error = exc
-            with self._lock:
-                self._syncing = False
+            error = self._fsync()
+            self.inline += error is None
             _call_soon(loop, _resolve_all, [(future, result)], error)
             return
         if self._thread is None:
@@ -270,20 +264,27 @@ class DirSyncer:
                 pass
             with self._lock:
                 self._syncing = True
-            error = None
-            try:
-                fsync_dir(self.path)
-                self.fsyncs += 1
-            except OSError as exc:
-                error = exc
-            with self._lock:
-                self._syncing = False
+            error = self._fsync()
+            self.fsyncs += error is None
             loops: dict[Any, list] = {}
             for loop, future, result in batch:
                 loops.setdefault(loop, []).append((future, result))
             for loop, items in loops.items():
                 _call_soon(loop, _resolve_all, items, error)
             del batch, loops
+
+
+    def _fsync(self) -> OSError | None:
+        """One fsync of the directory, by a caller that set ``_syncing``
+        (cleared after); its error, or None."""
+        try:
+            fsync_dir(self.path)
+            return None
+        except OSError as exc:
+            return exc
+        finally:
+            with self._lock:
+                self._syncing = False
 
 
 def dir_syncer_for(spool, stage: str) -> DirSyncer:

@@ -185,6 +185,15 @@ def test_detached_supervisor_pidfile_and_sigterm(setup, tmp_path):
     assert "started edge (pid" in log and "started deliver (pid" in log
 
 
+def _submit(port: int, ca, cfg, seq: int) -> None:
+    """One message from alice over STARTTLS; it must be in the spool."""
+    s = smtp_login(port, ca, "alice", "alice-pw")
+    s.sendmail("alice@example.org", ["x@example.test"],
+               numbered_message("alice@example.org", "x@example.test", seq))
+    s.quit()
+    assert seq in spooled_seqs(open_spool(cfg))
+
+
 def test_single_process_mode(setup, ca):
     path, cfg, (port, _) = setup
     proc = start_daemon(path, "daemon", "--single-process")
@@ -193,11 +202,7 @@ def test_single_process_mode(setup, ca):
         status = support.wait_for(lambda: send_control(cfg, "status"), what="control socket")
         assert status.startswith(f"ok pid={proc.p.pid} components=edge,watch,deliver")
         assert "processes=" not in status
-        s = smtp_login(port, ca, "alice", "alice-pw")
-        s.sendmail("alice@example.org", ["x@example.test"],
-                   numbered_message("alice@example.org", "x@example.test", 9))
-        s.quit()
-        assert 9 in spooled_seqs(open_spool(cfg))
+        _submit(port, ca, cfg, 9)
     finally:
         code = proc.stop()
         assert code == 0, proc.output()
@@ -208,11 +213,7 @@ def test_single_process_mode(setup, ca):
     try:
         status = support.wait_for(lambda: send_control(cfg, "status"), what="control socket")
         assert "processes=" not in status
-        s = smtp_login(port, ca, "alice", "alice-pw")
-        s.sendmail("alice@example.org", ["x@example.test"],
-                   numbered_message("alice@example.org", "x@example.test", 10))
-        s.quit()
-        assert 10 in spooled_seqs(open_spool(cfg))
+        _submit(port, ca, cfg, 10)
     finally:
         assert proc.stop() == 0, proc.output()
 
