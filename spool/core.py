@@ -211,7 +211,8 @@ class Writer:
                 raise SpoolError(f"{self.stage}/{self.qid} exists")
             os.rename(self.tmp_path, dest)
             if keep is not None:
-                keep = self.claim._lock.adopt(keep)
+                self.claim._lock.adopt(keep)
+                keep = None             # the claim holds it now
             if sync_dir:
                 fsync_dir(f"{self.spool.root_s}/{self.stage}", self.qid)
         except OSError as exc:
@@ -298,12 +299,7 @@ class FlockFile:
     def holds_current(self) -> bool:
         """A holder that finished may have unlinked the lock file after we
         opened it: a lock on an unlinked inode is no claim."""
-        try:
-            st = os.fstat(self.fd)
-            cur = os.stat(self.lock_file, follow_symlinks=False)
-        except (FileNotFoundError, TypeError):
-            return False
-        return (st.st_ino, st.st_dev) == (cur.st_ino, cur.st_dev)
+        return _same_file(self.fd, self.lock_file)
 
     def release(self) -> None:
         if self._lock.is_locked:
@@ -353,12 +349,7 @@ class FileLockInPlace:
         """The holder before us may have renamed the file away, or renamed
         a new version over it, after we opened it: a lock on an inode that
         is no longer at ``path`` is no claim."""
-        try:
-            st = os.fstat(self.fd)
-            cur = os.stat(self.path, follow_symlinks=False)
-        except (FileNotFoundError, TypeError):
-            return False
-        return (st.st_ino, st.st_dev) == (cur.st_ino, cur.st_dev)
+        return _same_file(self.fd, self.path)
 
     def adopt(self, fd: int) -> None:
         """Hold ``fd`` (locked: the new version of the file) instead."""
@@ -370,6 +361,16 @@ class FileLockInPlace:
         _close_quietly(fd)
 
     release = drop
+
+
+def _same_file(fd: int | None, path: str) -> bool:
+    """``fd`` is open on the inode that ``path`` names now."""
+    try:
+        st = os.fstat(fd)
+        cur = os.stat(path, follow_symlinks=False)
+    except (FileNotFoundError, TypeError):
+        return False
+    return (st.st_ino, st.st_dev) == (cur.st_ino, cur.st_dev)
 
 
 def _close_quietly(fd: int | None) -> None:
@@ -565,24 +566,19 @@ class Spool:
         holds it or it is no longer there."""
         if not valid_name(qid):
             return None
-        if stage not in self.claim_files:
-            in_place = FileLockInPlace(self.fspath(stage, qid))
-            if not in_place.acquire():
-                return None
-            if not in_place.holds_current():
-                in_place.drop()
-                return None
-            return Claim(self, stage, qid, in_place)
-        lock = FlockFile(f"{self.root_s}/claims/{qid}.lock")
+        in_place = stage not in self.claim_files
+        lock: FlockFile | FileLockInPlace = (
+            FileLockInPlace(self.fspath(stage, qid)) if in_place
+            else FlockFile(f"{self.root_s}/claims/{qid}.lock"))
         if not lock.acquire():
             return None
         if not lock.holds_current():
             lock.release()
             return None
-        # The file may have moved on between listing and locking; drop the
-        # lock file as Claim.release does, or claims/ grows with every
-        # stale name a watcher is told about.
-        if not os.path.lexists(self.fspath(stage, qid)):
+        # A lock file says nothing of the file itself: it may have moved on
+        # between listing and locking; drop the lock file as Claim.release
+        # does, or claims/ grows with every stale name a watcher is told about.
+        if not in_place and not os.path.lexists(self.fspath(stage, qid)):
             Claim(self, stage, qid, lock).release()
             return None
         return Claim(self, stage, qid, lock)
