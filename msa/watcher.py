@@ -124,7 +124,7 @@ class Head:
             self.env, self.offset = queuefile.read_envelope(f)
         self._check_size()
         if headers:
-            self.headers, self.body_offset = self._read_headers(cap)
+            self.read_headers(cap)
 
     def _check_size(self) -> None:
         if not self.env.size.isdigit():
@@ -132,6 +132,10 @@ class Head:
         actual = self.file_size - self.offset
         if actual != int(self.env.size):
             raise QueueFileError(f"message is {actual} bytes, Size says {self.env.size}")
+
+    def read_headers(self, cap: int) -> None:
+        """Set ``headers`` and ``body_offset`` (raises HeaderTooBig)."""
+        self.headers, self.body_offset = self._read_headers(cap)
 
     def _read_headers(self, cap: int) -> tuple[HeaderBlock, int]:
         """From the bytes already read when the section ends in them (its
@@ -271,9 +275,9 @@ class Watcher:
                 try:
                     head = Head(f, self.max_header, headers=False)
                     if _all_applied(head.env, stages):  # the edge applied them
-                        self._move_as_is(claim)
+                        self._commit_one(claim, None, head, changed=False)
                         return ACTIVE
-                    head.headers, head.body_offset = head._read_headers(self.max_header)
+                    head.read_headers(self.max_header)
                 except (QueueFileError, HeaderTooBig) as exc:
                     claim.quarantine(str(exc))
                     return "corrupt"
@@ -286,25 +290,13 @@ class Watcher:
         finally:
             claim.release()
 
-    def _move_as_is(self, claim: Claim) -> None:
-        """One rename into active/: the file needs nothing more. The rename
-        is not fsynced (nothing is removed after it: a crash leaves the
-        file in one of the two directories)."""
-        origin = claim.stage
-        if os.path.lexists(self.spool.fspath(ACTIVE, claim.qid)):
-            log.info("%s: already in active/ (a run stopped before removing %s/%s)",
-                     claim.qid, claim.stage, claim.qid)
-            self.active_sync.sync()
-            _unlink(claim.fspath)
-            return
-        claim.move(ACTIVE, release=False, sync_dirs=False)
-        log.info("%s: queued in active/ (from %s/, policies applied before)", claim.qid, origin)
-
-    def _commit_one(self, claim: Claim, result: tuple[Envelope, HeaderBlock], head: Head,
-                    changed: bool) -> None:
+    def _commit_one(self, claim: Claim, result: tuple[Envelope, HeaderBlock] | None,
+                    head: Head, changed: bool) -> None:
         """Put the message into active/ and remove the source once that is
         durable. The claim is released right after the rename, so the
-        runner (woken by it) can take the message at once."""
+        runner (woken by it) can take the message at once. A file that
+        needs no change is only renamed, not fsynced: nothing is removed
+        after it, and a crash leaves it in one of the two directories."""
         source, origin = claim.fspath, claim.stage
         if os.path.lexists(self.spool.fspath(ACTIVE, claim.qid)):
             log.info("%s: already in active/ (a run stopped before removing %s/%s)",
@@ -317,8 +309,8 @@ class Watcher:
             claim.move(ACTIVE, release=False, sync_dirs=False)
             source = None
         claim.release()
-        self.active_sync.sync()
         if source is not None:
+            self.active_sync.sync()
             _unlink(source)
         log.info("%s: policies done, queued in active/ (from %s/)", claim.qid, origin)
 
