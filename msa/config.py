@@ -2,10 +2,14 @@
 plain values (dataclasses). Nothing else in msa reads the file.
 
 Where the file is: ``--config PATH`` on any command, else ``$MSA_CONFIG``,
-else ``/etc/msa/msa.toml`` when it exists, else built-in defaults whose
-spool is ``./var/spool`` under the current directory. Relative paths in the
+else ``/etc/msa/msa.toml``. With none of the three, :func:`load` raises
+:class:`ConfigError` naming all three, and every command exits 78
+(EX_CONFIG) having created nothing: built-in defaults would put a spool
+under whatever directory the command was started in (cron's is ``$HOME``,
+PHP's the web root), where no daemon ever reads it. Relative paths in the
 file are relative to the file's directory. Every section and key is
-documented in ``man/msa.toml.5``.
+documented in ``man/msa.toml.5``. Python callers that want the defaults
+build a :class:`Config` themselves.
 """
 
 from __future__ import annotations
@@ -204,7 +208,8 @@ def load(explicit: str | None = None) -> Config:
     """Load the config file (see module docstring for where it is)."""
     path = find_path(explicit)
     if path is None:
-        return from_dict({}, base=os.getcwd())
+        raise ConfigError(f"no configuration file: no --config option, $MSA_CONFIG is not set, "
+                          f"and {DEFAULT_PATH} does not exist")
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
