@@ -26,6 +26,7 @@ maildrop files too. Invariants:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 from typing import Iterator
@@ -110,11 +111,59 @@ def read_header_section(pieces: Iterator[bytes],
     return section
 
 
+MAX_DISPLAY_NAME = 256  # characters of a -F or GECOS full name
+_PHRASE_SPECIALS = re.compile(r'[][\\()<>@,:;".]')
+
+
+def display_name_problem(text: str) -> str:
+    """Why ``text`` cannot be a display name in a header msa writes, or "".
+
+    Refused: a control character (C0, DEL or C1: CR and LF would end the
+    field and start another, RFC 5322 §2.2), a lone surrogate (bytes of the
+    command line that are not UTF-8), more than :data:`MAX_DISPLAY_NAME`
+    characters. 8-bit text is fine: :func:`from_field` encodes it."""
+    if len(text) > MAX_DISPLAY_NAME:
+        return f"longer than {MAX_DISPLAY_NAME} characters"
+    for c in text:
+        o = ord(c)
+        if o < 32 or 127 <= o < 160:
+            return f"control character {c!r}"
+        if 0xD800 <= o < 0xE000:
+            return "not valid UTF-8"
+    return ""
+
+
+def safe_display_name(text: str) -> str:
+    """``text`` with what :func:`display_name_problem` refuses taken out:
+    for names msa finds rather than is given (the passwd GECOS field)."""
+    text = "".join(c for c in text[:MAX_DISPLAY_NAME]
+                   if not display_name_problem(c))
+    return " ".join(text.split())
+
+
+def phrase(name: str) -> str:
+    """A display name as it goes into a header: ASCII as atoms, or as a
+    quoted string when it has specials (RFC 5322 §3.2.3-4, backslash before
+    ``"`` and ``\\``: what ``email.utils.formataddr`` writes), anything else as
+    RFC 2047 encoded words, folded with CRLF SP. The caller has checked it
+    with :func:`display_name_problem`."""
+    if name.isascii():
+        if not _PHRASE_SPECIALS.search(name):
+            return name
+        return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    from email.header import Header
+    return Header(name, "utf-8", header_name="From").encode(linesep="\r\n")
+
+
 def from_field(sender: str, full_name: str = "") -> bytes:
     """The ``From:`` field for local mail that has none (RFC 5322 §3.6.2
-    requires one; Postfix's cleanup adds it the same way for sendmail)."""
-    from email.utils import formataddr
-    return f"From: {formataddr((full_name, sender))}\r\n".encode("utf-8")
+    requires one; Postfix's cleanup adds it the same way for sendmail).
+    ``sender`` is a checked address (:func:`normalize_address`), kept as
+    UTF-8 when it is not ASCII (RFC 6532 §3.2); ``full_name`` has passed
+    :func:`display_name_problem`."""
+    if not full_name:
+        return f"From: {sender}\r\n".encode("utf-8")
+    return f"From: {phrase(full_name)} <{sender}>\r\n".encode("utf-8")
 
 
 def drop_fields(fields: list[bytes], names: frozenset[str] = DROP_ALWAYS) -> list[bytes]:

@@ -44,7 +44,7 @@ from . import config, queuefile, sysexits
 from .bsmtp import MAX_COMMAND_LINE, LocalSmtp, Reply
 from .errors import AddressError
 from .headers import (HeaderTooLarge, extract_recipients, field_name, from_field,
-                      normalize_address, read_header_section)
+                      normalize_address, read_header_section, safe_display_name)
 from .mailq import list_queue
 from .queuecmd import flush_command
 from .queuefile import Envelope
@@ -167,8 +167,9 @@ def login_user() -> pwd.struct_passwd:
 
 
 def gecos_name(user: pwd.struct_passwd) -> str:
-    """The full name from the passwd GECOS field (its first comma part)."""
-    return user.pw_gecos.split(",", 1)[0].strip()
+    """The full name from the passwd GECOS field (its first comma part),
+    with anything that cannot go into a header taken out."""
+    return safe_display_name(user.pw_gecos.split(",", 1)[0].strip())
 
 
 def qualify_all(addresses: Iterable[str], domain: str) -> list[str]:

@@ -2,7 +2,7 @@
 
 Options follow Postfix's ``sendmail(1)`` (``getopt`` letters
 ``B:C:F:GIL:N:O:R:UV:X:b:ce:f:h:imno:p:r:q::tvx``), as real callers pass
-them (see /work/shared/TESTING.md): cron ``-FCronDaemon -i -B8BITMIME -oem
+them: cron ``-FCronDaemon -i -B8BITMIME -oem
 root``, mutt ``-oem -oi -- rcpt``, mailx ``-i -t``, git send-email ``-i
 rcpt``. Invariants:
 
@@ -12,8 +12,13 @@ rcpt``. Invariants:
 - A value is attached (``-fADDR``) or the next word (``-f ADDR``); ``-o``
   takes the rest of its word (``-oi``, ``-oem``) or the next word.
 - An unknown letter, a missing value, ``-B`` other than ``7BIT`` or
-  ``8BITMIME``, a bad ``-N``/``-R`` value or an unsupported ``-b`` mode is a
-  :class:`UsageError` (exit 64, EX_USAGE).
+  ``8BITMIME``, a bad ``-N``/``-R``/``-V`` value or an unsupported ``-b``
+  mode is a :class:`UsageError` (exit 64, EX_USAGE).
+- Every value that becomes header or envelope text is checked here, before
+  anything is spooled: ``-F`` with a control character, line break or
+  more than 256 characters, and a recipient or ``-f`` that is not UTF-8,
+  are a :class:`UsageError`. (Addresses are checked further by
+  :func:`msa.headers.normalize_address`: exit 67.)
 - Options that only make sense for Sendmail's own daemon or alias database
   (``-G -U -m -n -x -c -h -L -O -p -X -e``) are accepted and ignored, as
   Postfix does, so scripts written for Sendmail keep working.
@@ -24,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import sysexits
+from .headers import display_name_problem
 
 USAGE = ("usage: sendmail [-t] [-i] [-f sender] [-F name] [-N dsn] [-R ret]\n"
          "                [-V envid] [-B 7BIT|8BITMIME] [-C config] [-v]\n"
@@ -148,9 +154,31 @@ def parse_envid(value: str) -> str:
     return value
 
 
+def parse_full_name(value: str) -> str:
+    """``-F`` value: it becomes the display name of the ``From:`` field
+    msa writes, so a line break or other control character (which would
+    end that field and start another) is refused, not repaired
+    (:func:`msa.headers.display_name_problem`)."""
+    problem = display_name_problem(value)
+    if problem:
+        raise UsageError(f"bad -F value: {problem}")
+    return value
+
+
+def utf8_text(what: str, value: str) -> str:
+    """A recipient or ``-f`` value: Python gives bytes of the command line
+    that are not UTF-8 as lone surrogates, which no header or envelope can
+    carry."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"bad {what}: not valid UTF-8") from None
+    return value
+
+
 def _apply(opts: Options, letter: str, value: str | None) -> None:
     if letter == "":
-        opts.recipients.append(value or "")
+        opts.recipients.append(utf8_text("recipient", value or ""))
     elif letter == "config" or letter == "C":
         opts.config = value
     elif letter == "json":
@@ -162,9 +190,9 @@ def _apply(opts: Options, letter: str, value: str | None) -> None:
     elif letter == "v":
         opts.verbose += 1
     elif letter in ("f", "r"):
-        opts.sender = value
+        opts.sender = utf8_text(f"-{letter} value", value or "")
     elif letter == "F":
-        opts.full_name = value
+        opts.full_name = parse_full_name(value or "")
     elif letter == "N":
         opts.notify = parse_notify(value or "")
     elif letter == "R":
