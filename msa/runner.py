@@ -120,6 +120,14 @@ class Runner:
         self._flush = True
         self._wake_due.set()
 
+    def clock_changed(self) -> None:
+        """The wall clock (``clock``) jumped: an injected clock was moved,
+        or the system time was set. What is due is looked at again now,
+        not at the end of a sleep computed from the old time. (Due times
+        are wall-clock times, file mtimes; the feeder's sleeps are on the
+        event loop's monotonic clock, so a jump is only seen here.)"""
+        self._wake_due.set()
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking work; let deliveries in progress finish for up to
         ``grace`` seconds (default: the data timeout), then cancel them,
@@ -381,7 +389,7 @@ class Runner:
     async def _deliver(self, claim, f, env: Envelope, offset: int, qid: str,
                        message=None) -> None:
         start = self.clock()
-        arrival = _arrival(env, qid)
+        arrival = _arrival(env, qid, start)
         null_sender = env.sender == ""
         life = backoff.lifetime(self.retry, null_sender)
         attempt = env.attempt_count + 1
@@ -545,14 +553,14 @@ class Runner:
             return w.commit()
 
 
-def _arrival(env: Envelope, qid: str) -> float:
+def _arrival(env: Envelope, qid: str, now: float) -> float:
     try:
         return _parse_utc(env.arrival)
     except ValueError:
         try:
             return id_time(qid)
         except ValueError:
-            return time.time()
+            return now
 
 
 def _parse_utc(text: str) -> float:

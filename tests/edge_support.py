@@ -274,7 +274,8 @@ class Edges:
 
     PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw"}
 
-    def __init__(self, tmp_path: Path, ca, edge_opts: str = "", host: str = "127.0.0.1"):
+    def __init__(self, tmp_path: Path, ca, edge_opts: str = "", host: str = "127.0.0.1",
+                 loop_factory=asyncio.new_event_loop):
         from msa import config, store
         from msa.edge import edges_from_config
         self.ca, self.host = ca, host
@@ -294,7 +295,7 @@ class Edges:
         add_user(self.passwd, "bob", self.PASSWORDS["bob"], ["bob@example.net"])
         self.cfg = config.load(str(self.config_path))
         self.spool = Path(self.cfg.spool.root)
-        self.thread = EdgeThread()
+        self.thread = EdgeThread(loop_factory)
         spool = store.open_spool(self.cfg)
         self.edges = self.thread.start(lambda: edges_from_config(self.cfg, spool))
 

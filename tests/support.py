@@ -6,6 +6,7 @@ it starts.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -46,6 +47,64 @@ def wait_for(pred, timeout: float = 15.0, interval: float = 0.05, what: str = "c
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def read_lines(stream, n: int, timeout: float = 30.0) -> list[str]:
+    """The first ``n`` lines a child writes to ``stream`` (a pipe), waiting
+    for them up to ``timeout`` seconds in all: for killing a child once it
+    has said something, not after a guessed time."""
+    import select
+    lines: list[str] = []
+    buf = b""
+    deadline = time.monotonic() + timeout
+    fd = stream.fileno()
+    while len(lines) < n:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise TimeoutError(f"{len(lines)} of {n} lines after {timeout}s")
+        data = os.read(fd, 4096)
+        if not data:
+            raise EOFError(f"the child ended after {len(lines)} of {n} lines")
+        buf += data
+        *done, buf = buf.split(b"\n")
+        lines += [x.decode() for x in done]
+    if buf:  # a partial line: the caller reads the rest from the stream
+        raise AssertionError("read_lines needs a child that writes whole lines")
+    return lines
+
+
+class SkewedLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock a test moves on. ``loop.time()`` is the
+    public clock that ``call_at``, ``call_later`` and asyncio's timeouts
+    read, so timers fire when the test says, not after real waits: a test
+    of a 100 s timeout takes no 100 s and cannot be beaten by a slow
+    machine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skew = 0.0
+
+    def time(self) -> float:
+        return super().time() + self.skew
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock on (from any thread) and wake the loop so that
+        it looks at its timers again."""
+        self.skew += seconds
+        self.call_soon_threadsafe(lambda: None)
+
+
+class FakeClock:
+    """A wall clock (``time.time`` stand-in) that moves only when told."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 @dataclass

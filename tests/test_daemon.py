@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import smtplib
 import threading
 import time
@@ -93,7 +94,9 @@ def test_sigterm_lets_a_transaction_finish_and_exits_0(setup, ca):
         assert s.rcpt("bob@example.test")[0] == 250
         assert s.docmd("DATA")[0] == 354
         os.kill(proc.p.pid, signal.SIGTERM)
-        time.sleep(0.3)  # the daemon is stopping while the client sends DATA
+        # The daemon is stopping (its listeners are closed) while the
+        # client is still sending DATA.
+        support.wait_for(lambda: _refused(port), timeout=30, what="listeners closed")
         s.send(numbered_message("alice@example.org", "bob@example.test", 7) + b".\r\n")
         code, _ = s.getreply()
         assert code == 250
@@ -147,6 +150,14 @@ def test_control_socket_status_and_flush(setup):
 
 
 _peeked: dict[int, bytes] = {}
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except OSError:
+        return True
+    return False
 
 
 def _peek(proc) -> bytes:

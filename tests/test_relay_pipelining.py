@@ -10,6 +10,7 @@ import asyncio
 import pytest
 
 from msa.relay import BytesMessage
+from tests import support
 from tests.relay_support import Sink, run_async, start_smtp_sink, stop_smtp_sink
 from tests.test_relay import MSG, attempt_and_close, envelope, relay_to
 
@@ -220,23 +221,30 @@ def test_pipelined_replies_split_across_reads_are_kept():
 def test_idle_timer_counts_from_the_last_use(any_sink):
     """The idle timer is armed once and re-armed for the time left: a
     connection used again and again stays open past one idle_timeout from
-    its first use, and closes once it has been idle that long."""
+    its first use, and closes once it has been idle that long. The loop's
+    clock is moved by the test (SkewedLoop), so no real time is waited."""
     async def go():
-        relay = relay_to(any_sink, idle_timeout=1.0, max_connections_per_domain=1)
+        loop = asyncio.get_running_loop()
+        relay = relay_to(any_sink, idle_timeout=100.0, max_connections_per_domain=1)
         try:
-            for i in range(5):  # 1.2 s or more from the first use to the last
+            for i in range(5):  # 240 s from the first use to the last
+                if i:
+                    loop.advance(60.0)
+                    await asyncio.sleep(0)  # the timers now due run
                 await relay.attempt(envelope(f"r{i}@x.test"), BytesMessage(MSG))
-                await asyncio.sleep(0.3)
-            busy_opened = relay.pool.opened
-            for _ in range(100):
+            busy_opened, open_after_use = relay.pool.opened, relay.pool.open
+            loop.advance(100.5)
+            for _ in range(200):  # the QUIT exchange is real I/O
                 if relay.pool.open == 0:
-                    return busy_opened, True
+                    return busy_opened, open_after_use, True
                 await asyncio.sleep(0.05)
-            return busy_opened, False
+            return busy_opened, open_after_use, False
         finally:
             await relay.close()
-    opened, closed = run_async(go())
-    assert opened == 1 and any_sink.connections == 1
+    # No wait_for around it: its deadline is on the same clock the test moves.
+    with asyncio.Runner(loop_factory=support.SkewedLoop) as runner:
+        opened, open_after_use, closed = runner.run(go())
+    assert opened == 1 and any_sink.connections == 1 and open_after_use == 1
     assert closed
     assert len(any_sink.wait_messages(5)) == 5
 

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from msa.queuefile import load
+from tests import support
 from tests.relay_support import (RunnerHarness, Sink, load_config, relay_config,
                                  write_queue_file)
 
@@ -92,15 +93,26 @@ def test_4xx_defers_into_deferred_1_with_future_mtime_then_flush_delivers(tmp_pa
 
 
 def test_retried_when_due_without_flush(tmp_path, sink):
+    """A deferred message is tried again when its time comes, with no
+    flush; the wall clock is the test's (FakeClock), moved past each due
+    time, so nothing waits for real minutes."""
     sink.rules = {"bob@x.test": "450 4.2.1 Mailbox busy"}
-    cfg = cfg_for(tmp_path, sink, retry={"min_delay": 1.0, "max_delay": 1.0})
+    cfg = cfg_for(tmp_path, sink)  # min_delay 300 s, then 600 s, +-10 %
+    clock = support.FakeClock()
 
     async def go():
-        async with RunnerHarness(cfg) as h:
-            write_queue_file(h.spool, "active", "alice@example.org", ["bob@x.test"], MSG)
+        async with RunnerHarness(cfg, clock=clock) as h:
+            qid = write_queue_file(h.spool, "active", "alice@example.org", ["bob@x.test"], MSG)
             await h.until(lambda: h.names("deferred/1"), what="first deferral")
+            due = os.stat(h.spool.path("deferred/1", qid)).st_mtime
+            assert clock.now + 270 <= due <= clock.now + 330
+            clock.advance(400)
+            h.runner.clock_changed()
             await h.until(lambda: h.names("deferred/2"), what="second attempt")
+            assert load(h.spool.path("deferred/2", qid))[0].attempts == "2"
             sink.rules = {}
+            clock.advance(700)
+            h.runner.clock_changed()
             await h.until(lambda: sink.messages and h.queue_empty(), what="delivery")
     run(go())
 
@@ -137,11 +149,16 @@ def test_partial_failure_one_delivery_one_dsn_no_second_delivery(tmp_path, sink)
 
 def test_expiry_bounces_with_dsn_and_leaves_queue(tmp_path, sink):
     sink.rules = {"*": "451 4.3.0 Try again"}
-    cfg = cfg_for(tmp_path, sink, retry={"lifetime": 2.0, "min_delay": 0.5, "max_delay": 0.5})
+    cfg = cfg_for(tmp_path, sink, retry={"lifetime": 3600.0})
+    clock = support.FakeClock()
 
     async def go():
-        async with RunnerHarness(cfg) as h:
+        async with RunnerHarness(cfg, clock=clock) as h:
             qid = write_queue_file(h.spool, "active", "alice@example.org", ["bob@x.test"], MSG)
+            await h.until(lambda: h.names("deferred/1"), what="first deferral")
+            assert h.names("incoming") == []  # not expired yet: no DSN
+            clock.advance(3601)
+            h.runner.clock_changed()
             await h.until(lambda: h.names("incoming") and h.queue_empty(), what="expiry")
             (env, msg), = incoming_dsns(h)
             text = msg.as_string()
@@ -169,14 +186,18 @@ def test_null_sender_never_gets_a_dsn(tmp_path, sink, caplog):
 def test_failed_bounce_is_dropped_after_bounce_lifetime_not_looped(tmp_path, sink, caplog):
     caplog.set_level(logging.INFO, logger="msa")
     sink.rules = {"*": "451 4.3.0 later"}
-    cfg = cfg_for(tmp_path, sink, retry={"bounce_lifetime": 1.5, "min_delay": 0.5,
-                                         "max_delay": 0.5, "lifetime": 3600.0})
+    cfg = cfg_for(tmp_path, sink, retry={"bounce_lifetime": 3600.0})
+    clock = support.FakeClock()
 
     async def go():
-        async with RunnerHarness(cfg) as h:
+        async with RunnerHarness(cfg, clock=clock) as h:
             write_queue_file(h.spool, "active", "", ["alice@x.test"], MSG, bounce_of="X1")
+            await h.until(lambda: h.names("deferred/1"), what="first deferral")
+            clock.advance(3601)
+            h.runner.clock_changed()
             await h.until(h.queue_empty, what="bounce dropped")
-            await asyncio.sleep(0.5)
+            # A DSN is spooled before the file it reports on is removed
+            # (runner invariant), so none can appear after this.
             assert h.names("incoming") == []
     run(go())
     assert any("status=expired" in r.getMessage() for r in caplog.records)
@@ -201,24 +222,26 @@ def test_notify_never_suppresses_dsn(tmp_path, sink):
 
 
 def test_delay_warning_sent_once(tmp_path, sink):
+    """No warning before ``delay_warning``, one at the first attempt after
+    it, none at the attempts after that."""
     sink.rules = {"*": "450 4.2.1 busy"}
-    cfg = cfg_for(tmp_path, sink, retry={"delay_warning": 5.0, "min_delay": 0.3,
-                                         "max_delay": 0.3})
-    from msa.queuefile import utc_iso
+    cfg = cfg_for(tmp_path, sink, retry={"delay_warning": 500.0})
+    clock = support.FakeClock()
 
     async def go():
-        async with RunnerHarness(cfg) as h:
-            qid = write_queue_file(h.spool, "active", "alice@example.org", ["bob@x.test"], MSG,
-                                   arrival=utc_iso(time.time() - 60))
-            await h.until(lambda: any(h.names(f"deferred/{n}") for n in (3, 4, 5)),
-                          what="three attempts")
-            dsns = incoming_dsns(h)
-            assert len(dsns) == 1
-            env, msg = dsns[0]
+        async with RunnerHarness(cfg, clock=clock) as h:
+            write_queue_file(h.spool, "active", "alice@example.org", ["bob@x.test"], MSG)
+            warnings = []
+            for attempt, wait in ((1, 400), (2, 700), (3, 1300), (4, 0)):
+                await h.until(lambda: h.names(f"deferred/{attempt}"), what=f"attempt {attempt}")
+                warnings.append(len(incoming_dsns(h)))
+                clock.advance(wait)
+                h.runner.clock_changed()
+            assert warnings == [0, 0, 1, 1]  # ages 0, 400, 1100, 2400 s
+            env, msg = incoming_dsns(h)[0]
             text = msg.as_string()
             assert "Action: delayed" in text and "Will-Retry-Until:" in text
             assert msg["Subject"].startswith("Delayed Mail")
-            return qid
     run(go())
 
 
@@ -248,11 +271,19 @@ def test_held_message_is_never_touched(tmp_path, sink):
                                    arrival="2000-01-01T00:00:00.000000Z")
             write_queue_file(h.spool, "active", "alice@example.org", ["other@x.test"], MSG)
             await h.until(lambda: sink.messages and h.queue_empty())
+            # A flush that demonstrably ran (it delivers a deferred message
+            # due in a day) leaves the held one alone, although it expired.
+            late = write_queue_file(h.spool, "incoming", "alice@example.org", ["late@x.test"],
+                                    MSG)
+            tomorrow = time.time() + 86400
+            os.utime(h.spool.path("incoming", late), (tomorrow, tomorrow))
+            os.makedirs(h.spool.path("deferred/1", ""), exist_ok=True)
+            os.rename(h.spool.path("incoming", late), h.spool.path("deferred/1", late))
             h.runner.flush()
-            await asyncio.sleep(0.5)
+            await h.until(lambda: len(sink.messages) == 2 and h.queue_empty(), what="flush")
             assert h.names("hold") == [qid] and h.names("incoming") == []
     run(go())
-    assert [m.rcpt_tos for m in sink.messages] == [["other@x.test"]]
+    assert [m.rcpt_tos for m in sink.messages] == [["other@x.test"], ["late@x.test"]]
 
 
 def test_backlog_at_start_five_messages_one_connection(tmp_path, sink):
@@ -300,7 +331,8 @@ def test_file_arriving_under_someone_elses_claim_is_picked_up(tmp_path, sink):
             qid = write_queue_file(h.spool, "hold", "alice@example.org", ["bob@x.test"], MSG)
             claim = h.spool.claim("hold", qid)
             claim.move("active", release=False)
-            await asyncio.sleep(0.3)
+            # The runner has seen it and found it claimed (it will look again).
+            await h.until(lambda: qid in h.runner._busy, what="claim refused")
             assert not sink.messages
             claim.release()
             await h.until(lambda: sink.messages and h.queue_empty(), timeout=10)
