@@ -20,8 +20,8 @@ setup(
     extras_require={"test": ["pytest>=7", "trustme>=1.1"]},
     entry_points={"console_scripts": [
         "msa=msa.cli:main",
-        "sendmail=msa.sendmail:main",
-        "mailq=msa.sendmail:mailq_main",
+        "sendmail=msa.submission.sendmail:main",
+        "mailq=msa.submission.sendmail:mailq_main",
     ]},
     data_files=[("share/man/man1", ["man/sendmail.1", "man/mailq.1"]),
                 ("share/man/man5", ["man/msa.toml.5", "man/msa-spool.5"]),

@@ -201,7 +201,7 @@ def write_backlog(active: Path, count: int, size: int = 2048,
     """Write ``count`` ready-to-deliver queue files straight into
     ``active/`` (msa/queuefile.py format). Not fsynced: this is a fixture
     for the runner's start-up, not an acceptance path."""
-    from msa.queuefile import Envelope, utc_iso
+    from msa.message.queuefile import Envelope, utc_iso
     active.mkdir(parents=True, exist_ok=True)
     now = time.time()
     usec0 = int(now * 1_000_000)

@@ -32,7 +32,7 @@ import asyncio
 import importlib
 import signal
 
-from . import system  # noqa: F401 (the tutorial's ``system`` module)
+from msa import system  # noqa: F401 (the tutorial's ``system`` module)
 
 _NAMES = {
     "MxSmtpRelay": "msa.relay", "SmarthostRelay": "msa.relay",

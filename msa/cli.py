@@ -11,13 +11,13 @@ import importlib
 import sys
 
 COMMANDS = {
-    "daemon": ("msa.daemon", "run edge, watcher and runner together"),
-    "edge": ("msa.daemon", "run the SMTP submission listeners only"),
-    "watch": ("msa.daemon", "run the policy-stage watcher only"),
-    "deliver": ("msa.daemon", "run the delivery runner only"),
-    "queue": ("msa.queuecmd", "list, show, delete, hold, release, flush"),
-    "user": ("msa.usercmd", "add, remove, list users; set a password"),
-    "demo": ("msa.demo", "set up and run a working loopback instance"),
+    "daemon": ("msa.process.daemon", "run edge, watcher and runner together"),
+    "edge": ("msa.process.daemon", "run the SMTP submission listeners only"),
+    "watch": ("msa.process.daemon", "run the policy-stage watcher only"),
+    "deliver": ("msa.process.daemon", "run the delivery runner only"),
+    "queue": ("msa.admin.queuecmd", "list, show, delete, hold, release, flush"),
+    "user": ("msa.admin.usercmd", "add, remove, list users; set a password"),
+    "demo": ("msa.admin.demo", "set up and run a working loopback instance"),
 }
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"msa: unknown command {name!r}\n{usage()}", file=sys.stderr)
         return 64
     module = importlib.import_module(COMMANDS[name][0])
-    return module.main([name, *rest]) if module.__name__ == "msa.daemon" else module.main(rest)
+    return module.main([name, *rest]) if module.__name__ == "msa.process.daemon" else module.main(rest)
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ class DaemonConfig:
     # (one GIL each); false runs them all in one process.
     processes: bool = True
     # Edge processes sharing the listening addresses (SO_REUSEPORT); 0:
-    # one per CPU, at most 8 (msa.supervisor.edge_workers).
+    # one per CPU, at most 8 (msa.process.supervisor.edge_workers).
     edge_workers: int = 0
     # "uvloop" (libuv: about a fifth less CPU per message in the edge and
     # the runner, bench/run.py) or "asyncio" (the standard library's).

@@ -24,9 +24,9 @@ import threading
 
 from spool import Spool
 
-from . import config
-from .policies import Policy, check_stage
-from .store import MODES, UNTRUSTED_STAGES
+from msa import config
+from msa.cleanup.policies import Policy, check_stage
+from msa.store import MODES, UNTRUSTED_STAGES
 
 log = logging.getLogger("msa.queue")
 
@@ -83,11 +83,11 @@ class Queue:
     # -- running -----------------------------------------------------------
 
     def _components(self):
-        from .watcher import Watcher
+        from msa.cleanup.watcher import Watcher
         watcher = Watcher(self.cfg, self.spool, pipeline=self.pipeline())
         runner = None
         if self.relay is not None:
-            from .runner import Runner
+            from msa.delivery.runner import Runner
             kw = {}
             if "relay" in inspect.signature(Runner).parameters:
                 kw["relay"] = self.relay

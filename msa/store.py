@@ -18,11 +18,11 @@ import pwd
 
 from spool import Spool
 
-from .config import Config
+from msa.config import Config
 
 MODES = {"tmp": 0o3733, "maildrop": 0o3733}
 # Any local user may put a file there: claimed by a lock file in claims/,
-# never by opening the file before it is checked (msa.maildrop).
+# never by opening the file before it is checked (msa.cleanup.maildrop).
 UNTRUSTED_STAGES = ("maildrop",)
 
 

@@ -18,7 +18,7 @@ import os
 import pwd
 import sys
 
-from spool.core import _alive  # a pid file names a live process or is stale
+from spool import pid_alive  # a pid file names a live process or is stale
 
 
 class SystemError_(OSError):
@@ -82,7 +82,7 @@ def read_pidfile(path: str) -> int | None:
 
 def write_pidfile(path: str) -> None:
     pid = read_pidfile(path)
-    if pid is not None and pid != os.getpid() and _alive(pid):
+    if pid is not None and pid != os.getpid() and pid_alive(pid):
         raise SystemError_(f"{path}: already running as pid {pid}")
     tmp = f"{path}.{os.getpid()}"
     with open(tmp, "w") as f:

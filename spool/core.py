@@ -610,7 +610,7 @@ class Spool:
                 age = now - os.lstat(tmp / name).st_mtime
             except FileNotFoundError:
                 continue
-            if age > STALE_TMP_SECONDS or (pid is not None and not _alive(pid)):
+            if age > STALE_TMP_SECONDS or (pid is not None and not pid_alive(pid)):
                 try:
                     os.unlink(tmp / name)
                     removed_tmp += 1
@@ -639,7 +639,7 @@ def _tmp_pid(name: str) -> int | None:
     return int(pid) if pid.isdigit() else None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

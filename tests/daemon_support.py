@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from msa import config, queuefile
-from msa.queuefile import Envelope
+from msa import config
+from msa.message import queuefile
+from msa.message.queuefile import Envelope
 from tests import support
 
 
@@ -94,7 +95,7 @@ def write_daemon_config(tmp_path: Path, ca, submission: int, submissions: int,
 
 
 def add_user(passwd: Path, name: str, password: str, senders=()) -> None:
-    from msa.auth import PasswdEntry, PasswdFile, hash_password
+    from msa.submission.auth import PasswdEntry, PasswdFile, hash_password
     f = PasswdFile(passwd)
     f.set(PasswdEntry(name, hash_password(password), list(senders)))
     f.save()
@@ -141,7 +142,7 @@ def spooled_seqs(spool) -> dict[int, str]:
     """X-Seq of every whole queue file in any stage -> the stage it is in.
     The stages are listed in the order mail moves, so a file the daemon
     moves on while this runs is found in the later stage."""
-    from msa.headerblock import HeaderBlock
+    from msa.message.headerblock import HeaderBlock
     out = {}
     for stage in [*spool.stages, *spool.deferred_stages(), "hold"]:
         for name in spool.names(stage):

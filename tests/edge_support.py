@@ -17,8 +17,8 @@ from pathlib import Path
 
 import argon2
 
-from msa import queuefile
-from msa.auth import PasswdEntry, PasswdFile
+from msa.message import queuefile
+from msa.submission.auth import PasswdEntry, PasswdFile
 from tests import support
 
 # Cheap argon2 parameters: the tests verify many logins (the edge reads the
@@ -73,7 +73,7 @@ import asyncio, logging, os, signal, sys
 sys.path.insert(0, {root!r})
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 from msa import config, store
-from msa.edge import edges_from_config
+from msa.submission.edge import edges_from_config
 cfg = config.load({config!r})
 async def main():
     spool = store.open_spool(cfg)
@@ -94,7 +94,7 @@ OPEN_RUNNER = r"""
 import asyncio, sys
 sys.path.insert(0, {root!r})
 from spool import Spool
-from msa.edge import SmtpEdge
+from msa.submission.edge import SmtpEdge
 async def main():
     edge = SmtpEdge(("127.0.0.1", {port}), Spool({spool!r}, ["incoming"]),
                     require_auth=False, hostname="msa.test")
@@ -204,10 +204,10 @@ class RawClient:
                 if not data:
                     return True
                 self.buf += data
+        except socket.timeout:  # an OSError too: before the clause below
+            return False
         except (ConnectionError, ssl.SSLError, OSError):
             return True
-        except socket.timeout:
-            return False
 
     def close(self) -> None:
         try:
@@ -277,7 +277,7 @@ class Edges:
     def __init__(self, tmp_path: Path, ca, edge_opts: str = "", host: str = "127.0.0.1",
                  loop_factory=asyncio.new_event_loop):
         from msa import config, store
-        from msa.edge import edges_from_config
+        from msa.submission.edge import edges_from_config
         self.ca, self.host = ca, host
         self.port = support.free_port(host)
         self.tls_port = support.free_port(host)

@@ -306,7 +306,7 @@ def stop_smtp_sink(proc: support.Proc, dump_dir: Path) -> None:
 def write_queue_file(spool, stage: str, sender: str, recipients: list[str],
                      message: bytes, **fields) -> str:
     """A queue file in ``stage`` as the watcher would leave it in active/."""
-    from msa.queuefile import Envelope, utc_iso
+    from msa.message.queuefile import Envelope, utc_iso
     from spool import new_id
 
     qid = fields.pop("queue_id", None) or new_id()
@@ -321,7 +321,7 @@ def write_queue_file(spool, stage: str, sender: str, recipients: list[str],
 
 
 def read_queue_file(path):
-    from msa.queuefile import load
+    from msa.message.queuefile import load
     return load(path)[0]
 
 
@@ -331,7 +331,7 @@ RUNNER_MAIN = """
 import asyncio, logging, signal, sys
 sys.path.insert(0, {root!r})
 from msa import config, store
-from msa.runner import Runner
+from msa.delivery.runner import Runner
 logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                     format="%(asctime)s %(name)s %(message)s")
 cfg = config.load({config!r})
@@ -440,7 +440,7 @@ class RunnerHarness:
         self.runner = None
 
     async def __aenter__(self) -> "RunnerHarness":
-        from msa.runner import Runner
+        from msa.delivery.runner import Runner
         self.runner = Runner(self.cfg, self.spool, **self.kw)
         self.task = asyncio.create_task(self.runner.run())
         return self
@@ -484,7 +484,7 @@ def measure_backlog(n: int, seconds: float = 20.0) -> dict:
     sample the runner's RSS. ``python3 -m tests.relay_support N [SECONDS]``."""
     import shutil
     import tempfile
-    from msa.queuefile import Envelope, utc_iso
+    from msa.message.queuefile import Envelope, utc_iso
     from msa.store import open_spool
     from spool import new_id
     tmp = Path(tempfile.mkdtemp(prefix="msa-backlog-"))

@@ -11,8 +11,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from msa import config, queuefile
-from msa.queuefile import Envelope
+from msa import config
+from msa.message import queuefile
+from msa.message.queuefile import Envelope
 from msa.store import open_spool
 from tests import support
 
@@ -121,7 +122,7 @@ sys.argv = sys.argv[2:]
 code = compile(open(script).read(), script, "exec")
 import email.utils, json, tempfile, pwd, errno, argparse, shutil, socket
 import encodings.latin_1, encodings.utf_8, encodings.idna, encodings.ascii, tomllib, stringprep, unicodedata
-import msa.sendmail, msa.queuecmd, msa.mailq
+import msa.submission.sendmail, msa.admin.queuecmd, msa.admin.mailq
 os.chdir("/")
 os.setgroups([]); os.setgid(uid); os.setuid(uid)
 assert os.getuid() == uid and os.geteuid() == uid

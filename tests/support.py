@@ -88,10 +88,20 @@ class SkewedLoop(asyncio.SelectorEventLoop):
         return super().time() + self.skew
 
     def advance(self, seconds: float) -> None:
-        """Move the clock on (from any thread) and wake the loop so that
-        it looks at its timers again."""
+        """Move the clock on (code running in the loop)."""
         self.skew += seconds
-        self.call_soon_threadsafe(lambda: None)
+
+    def advance_threadsafe(self, seconds: float) -> None:
+        """Move the clock on, from another thread: in the loop, once what
+        is ready to run there has run (a server that has just answered
+        still arms its timer for the next command: that belongs before
+        the jump, as it would come before a real wait). Returns when the
+        clock has moved."""
+        async def jump():
+            for _ in range(5):
+                await asyncio.sleep(0)
+            self.skew += seconds
+        asyncio.run_coroutine_threadsafe(jump(), self).result(30)
 
 
 class FakeClock:

@@ -118,7 +118,7 @@ def setup(var: Path, port: int, ssl_port: int, sink_port: int) -> list[str]:
     if not (cert.exists() and key.exists()):
         make_certificate(cert, key)
         done.append(f"made a self-signed certificate {cert}")
-    from .auth import PasswdEntry, PasswdFile, hash_password, locked
+    from msa.submission.auth import PasswdEntry, PasswdFile, hash_password, locked
     passwd = var / "passwd"
     with locked(passwd):
         f = PasswdFile(passwd)
@@ -127,8 +127,8 @@ def setup(var: Path, port: int, ssl_port: int, sink_port: int) -> list[str]:
             f.save()
             done.append(f"added user {DEMO_USER!r} (password {DEMO_PASSWORD!r}) "
                         f"who may send as {DEMO_SENDER}")
-    from . import config
-    from .store import open_spool
+    from msa import config
+    from msa.store import open_spool
     open_spool(config.load(str(cfg_path)))
     return done
 
@@ -142,7 +142,7 @@ def swaks_command(var: str, port: int) -> str:
 def main(argv: list[str]) -> int:
     opts = parse_args(argv)
     var = Path(opts.var)
-    from . import config
+    from msa import config
     try:
         done = setup(var, opts.port, opts.ssl_port, opts.sink_port)
         cfg = config.load(str(var / "msa.toml"))
@@ -172,5 +172,5 @@ Local mail:       echo hi | MSA_CONFIG={var}/msa.toml bin/sendmail {DEMO_RCPT}
     if opts.setup_only:
         return 0
     print("Running msa daemon in the foreground; Ctrl-C stops it.\n", flush=True)
-    from . import daemon
+    from msa.process import daemon
     return daemon.main(["daemon", "--config", str(var / "msa.toml")])

@@ -23,7 +23,7 @@ Invariants (DESIGN "memory stays bounded"):
 - Entries are streamed: one stage's *names* are held and sorted at a time
   (100,000 names of 22 characters are about 8 MB of Python strings), and
   one envelope at a time; nothing else accumulates.
-- Only the envelope of each file is read (:func:`msa.queuefile.read_envelope`
+- Only the envelope of each file is read (:func:`msa.message.queuefile.read_envelope`
   stops at the empty line); the message is never read.
 - Listing changes nothing: a file that cannot be parsed is shown with the
   reason and left where it is (the watcher or runner quarantines it).
@@ -43,9 +43,9 @@ from typing import IO, Iterable, Iterator
 
 from spool import Spool, id_time, valid_name
 
-from . import queuefile
-from .config import Config
-from .queuefile import Envelope
+from msa.message import queuefile
+from msa.config import Config
+from msa.message.queuefile import Envelope
 
 HEADER_FORMAT = "%-11s %7s %-20s %s\n"
 DATA_FORMAT = "%-11s %7d %20.20s %s\n"

@@ -22,7 +22,7 @@ Invariants:
   policies yet, and release would put it straight into ``active/``.
 - Flush sets each deferred file's mtime (its due time) to now with
   ``utime`` (no rewrite), then asks the daemon over the control socket to
-  look (:func:`msa.control.send_control`); no daemon is fine.
+  look (:func:`msa.admin.control.send_control`); no daemon is fine.
 - Exit status: 0 done, 64 usage, 67 unknown queue id, 75 busy or the
   daemon refused, 77 not permitted, 78 config error.
 """
@@ -37,10 +37,10 @@ import time
 
 from spool import Spool, SpoolError, valid_name
 
-from . import config, sysexits
-from .control import send_control
-from .mailq import list_queue
-from .store import open_spool
+from msa import config, sysexits
+from msa.admin.control import send_control
+from msa.admin.mailq import list_queue
+from msa.store import open_spool
 
 PROG = "msa queue"
 HOLDABLE = ("active", "deferred/")

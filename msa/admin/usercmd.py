@@ -6,7 +6,7 @@
     msa user list
 
 The file is ``[auth].passwd_file`` of the config (``--config PATH``). Every
-change rewrites it atomically under a lock (see :mod:`msa.auth`); the edge
+change rewrites it atomically under a lock (see :mod:`msa.submission.auth`); the edge
 rereads it by itself, so no reload is needed. Without ``--password-stdin``
 the password is asked twice on the terminal. ``--sender`` adds addresses
 (or ``@domain``) the user may send as, on top of ``[auth].senders``.
@@ -20,8 +20,8 @@ import argparse
 import getpass
 import sys
 
-from . import config, sysexits
-from .auth import PasswdEntry, PasswdFile, hash_password, locked, valid_username
+from msa import config, sysexits
+from msa.submission.auth import PasswdEntry, PasswdFile, hash_password, locked, valid_username
 
 MIN_PASSWORD = 1
 

@@ -33,10 +33,10 @@ import stat
 import time
 from typing import BinaryIO
 
-from . import queuefile
-from .errors import AddressError
-from .headers import normalize_address
-from .queuefile import MAGIC, MAX_ENVELOPE, Envelope, QueueFileError, Recipient
+from msa.message import queuefile
+from msa.protocol.errors import AddressError
+from msa.message.headers import normalize_address
+from msa.message.queuefile import MAGIC, MAX_ENVELOPE, Envelope, QueueFileError, Recipient
 
 MAX_LOCAL_PART = 64     # RFC 5321 §4.5.3.1.1
 NOTIFY_WORDS = {"NEVER", "SUCCESS", "FAILURE", "DELAY"}
@@ -98,7 +98,7 @@ def owner(st: os.stat_result) -> pwd.struct_passwd:
 
 def check_address(address: str, domain: str, allow_null: bool = False) -> str:
     """A safe, qualified address, or :class:`Refused` (pure; the rules are
-    sendmail's :func:`msa.headers.normalize_address`, without its
+    sendmail's :func:`msa.message.headers.normalize_address`, without its
     leniency for brackets, plus the local-part limit)."""
     if any(c in address for c in "<>"):
         raise Refused(f"address with a bracket: {address[:80]!r}")

@@ -5,7 +5,7 @@ stage of the pipeline on one message in memory.
 
 A policy has a ``name`` (recorded in ``Envelope.policies`` once applied,
 so a rerun after a crash skips it) and ``apply(envelope, headers)`` that
-edits the envelope and the :class:`~msa.headerblock.HeaderBlock` in place
+edits the envelope and the :class:`~msa.message.headerblock.HeaderBlock` in place
 and returns None, or returns a list of envelopes when it splits the message
 (the parts share the headers). Policies are pure: no I/O; the time they
 write comes from the envelope's ``Arrival``, so a rerun writes the same
@@ -24,10 +24,10 @@ import operator
 import re
 from typing import Iterable
 
-from . import queuefile
-from .config import Config, ConfigError
-from .headerblock import HeaderBlock
-from .queuefile import Envelope, Recipient
+from msa.message import queuefile
+from msa.config import Config, ConfigError
+from msa.message.headerblock import HeaderBlock
+from msa.message.queuefile import Envelope, Recipient
 
 
 def _arrival(env: Envelope) -> _dt.datetime:
@@ -46,7 +46,7 @@ def rfc5322_date(env: Envelope) -> str:
 def _rfc5322_date(arrival: str) -> str:
     # The date has whole seconds: the messages of one second (and the
     # Received and Date of one message) share one formatting.
-    if queuefile._ISO_UTC.fullmatch(arrival):
+    if queuefile.is_utc_iso(arrival):
         arrival = arrival[:19] + ".000000Z"
     return _format_date(arrival)
 

@@ -21,7 +21,7 @@ Invariants:
   claims, or that is gone, is skipped (it will be seen again if needed).
   Names being carried by this process are skipped too (a rescan may list
   a source whose replacement is already in ``active/``).
-- ``maildrop/`` is untrusted (:mod:`msa.maildrop`): the copy in
+- ``maildrop/`` is untrusted (:mod:`msa.cleanup.maildrop`): the copy in
   ``incoming/`` gets a fresh queue id (a user chooses maildrop names), is
   committed before the maildrop file is removed (a crash in between gives
   a duplicate, never a loss: RFC 5321 §6.1 allows duplicates).
@@ -30,7 +30,7 @@ Invariants:
   chunks, never held in memory (the first 64 KiB of the file are read
   with the envelope and headers, and reused).
 - The result is what passing the stages one at a time gives
-  (:func:`msa.policies.run_stages`); the applied policies are recorded in
+  (:func:`msa.cleanup.policies.run_stages`); the applied policies are recorded in
   ``Policies:``, and the source is never rewritten, so a rerun applies
   each policy exactly once to the original and writes the same bytes.
 - A source is removed only after its replacement is durable: the new file
@@ -64,14 +64,14 @@ import time
 from typing import BinaryIO, Iterator
 
 import spool as spoollib
-from spool import Claim, Spool, StageWatcher
-from spool.group import ThreadGroupSync
+from spool import Claim, Spool, StageWatcher, ThreadGroupSync
 
-from . import maildrop, policies, queuefile
-from .config import ACTIVE, Config, ConfigError
-from .headerblock import END_BODY, END_EMPTY, HeaderBlock, line_kind
-from .policies import Policy
-from .queuefile import Envelope, QueueFileError
+from msa.cleanup import maildrop, policies
+from msa.message import queuefile
+from msa.config import ACTIVE, Config, ConfigError
+from msa.message.headerblock import END_BODY, END_EMPTY, HeaderBlock, line_kind
+from msa.cleanup.policies import Policy
+from msa.message.queuefile import Envelope, QueueFileError
 
 log = logging.getLogger("msa.watcher")
 
@@ -204,7 +204,7 @@ class Watcher:
     """Runs the policy pipeline on every file that lands in a watched stage.
 
     ``pipeline`` is [(stage directory, [policies])]; by default it comes
-    from ``[policies].stages`` (:func:`msa.policies.pipeline`).
+    from ``[policies].stages`` (:func:`msa.cleanup.policies.pipeline`).
     """
 
     def __init__(self, cfg: Config, spool: Spool,

@@ -20,7 +20,7 @@ Decisions (RFC 5321 §5.1 unless noted):
 
 :func:`classify_dns_error` is the one place that decides what a dnspython
 exception means (chasquid's habit); everything else maps its outcome to an
-``msa.errors`` exception carrying the reply code and enhanced status.
+``msa.protocol.errors`` exception carrying the reply code and enhanced status.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from .errors import MsaError, PermanentError, TransientError
+from msa.protocol.errors import MsaError, PermanentError, TransientError
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ message)`` tries every pending recipient once and returns one
 
 Decisions:
 
-- Hosts are tried in MX order (:mod:`msa.mx`). The next host is tried when
+- Hosts are tried in MX order (:mod:`msa.delivery.mx`). The next host is tried when
   a host cannot be reached or fails before any recipient was given to it:
   connection refused or timed out, a 4xx/5xx greeting (Postfix
   ``smtp_skip_5xx_greeting``), EHLO/HELO refused, required TLS missing or
@@ -30,7 +30,7 @@ Decisions:
   server without it gets nothing and the recipients fail ``553 5.6.7``.
   DSN (RFC 3461): NOTIFY/ORCPT/RET/ENVID are passed on when offered.
 - DATA is streamed from the spool file chunk by chunk through
-  :class:`msa.dotstuff.DotStuffer` (CRLF line ends, dot-stuffing), writing
+  :class:`msa.protocol.dotstuff.DotStuffer` (CRLF line ends, dot-stuffing), writing
   with the transport's flow control, so a 50 MB message never sits in
   memory. aiosmtplib's own ``data()`` takes the whole message as one
   ``bytes``; only its ``DATA`` command, ``write`` and ``read_response``
@@ -69,11 +69,11 @@ from aiosmtplib.protocol import (COMMAND_INJECTION_REGEX, MAX_LINE_LENGTH,
                                  MAX_RESPONSE_LENGTH, SMTPProtocol)
 from aiosmtplib.response import SMTPResponse
 
-from .dotstuff import DotStuffer
-from .dsn import status_of as enhanced_status
-from .errors import MsaError, PermanentError, TransientError
-from .mx import MxHost, MxResolver, combine_host_errors, parse_hostport
-from .queuefile import Envelope, Recipient, one_line
+from msa.protocol.dotstuff import DotStuffer
+from msa.message.dsn import status_of as enhanced_status
+from msa.protocol.errors import MsaError, PermanentError, TransientError
+from msa.delivery.mx import MxHost, MxResolver, combine_host_errors, parse_hostport
+from msa.message.queuefile import Envelope, Recipient, one_line
 
 log = logging.getLogger("msa.relay")
 

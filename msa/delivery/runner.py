@@ -36,7 +36,6 @@ Invariants and crash rules:
 from __future__ import annotations
 
 import asyncio
-import datetime as _dt
 import io
 import logging
 import os
@@ -45,15 +44,15 @@ import threading
 import time
 from typing import Callable
 
-from spool import DueIndex, GroupSync, Spool, StageWatcher, id_time, new_id, valid_name
-from spool.core import fsync_dir
+from spool import (DueIndex, GroupSync, Spool, StageWatcher, fsync_dir, id_time, new_id,
+                   valid_name)
 
-from . import backoff
-from .config import ACTIVE, Config
-from .dsn import DsnRequest, RecipientReport, build_dsn, dsn_envelope, status_of
-from .queuefile import (MAGIC, MAX_ENVELOPE, Envelope, QueueFileError, Recipient, check_size,
+from msa.delivery import backoff
+from msa.config import ACTIVE, Config
+from msa.message.dsn import DsnRequest, RecipientReport, build_dsn, dsn_envelope, status_of
+from msa.message.queuefile import (MAGIC, MAX_ENVELOPE, Envelope, QueueFileError, Recipient, check_size,
                         parse_envelope, parse_iso, read_envelope, utc_iso)
-from .relay import BytesMessage, FileMessage, RcptResult, relay_from_config
+from msa.delivery.relay import BytesMessage, FileMessage, RcptResult, relay_from_config
 
 log = logging.getLogger("msa.runner")
 
@@ -555,24 +554,12 @@ class Runner:
 
 def _arrival(env: Envelope, qid: str, now: float) -> float:
     try:
-        return _parse_utc(env.arrival)
+        return parse_iso(env.arrival)
     except ValueError:
         try:
             return id_time(qid)
         except ValueError:
             return now
-
-
-def _parse_utc(text: str) -> float:
-    """:func:`queuefile.parse_iso` for what :func:`queuefile.utc_iso` writes
-    (``2026-11-29T11:00:00.123456Z``), without strptime's cost; anything
-    else goes through ``parse_iso``."""
-    if len(text) == 27 and text[10] == "T" and text[-1] == "Z":
-        try:
-            return _dt.datetime.fromisoformat(text[:-1] + "+00:00").timestamp()
-        except ValueError:
-            pass
-    return parse_iso(text)
 
 
 _WORD = {"sent": "sent", "failed": "bounced", "deferred": "deferred"}
@@ -665,7 +652,11 @@ def _info(text: str) -> None:
 
 
 _new_record = object.__new__
-_log_start = getattr(logging, "_startTime", time.time())
+# When logging started, as LogRecord.relativeCreated counts from it (read
+# off a record: the logging module keeps it in a private name).
+_probe = logging.makeLogRecord({})
+_log_start = _probe.created - _probe.relativeCreated / 1000
+del _probe
 
 
 def _log_result(qid: str, res: RcptResult, delay: float) -> None:

@@ -35,7 +35,7 @@ import email.utils
 import re
 from dataclasses import dataclass
 
-from .queuefile import Envelope, one_line, utc_iso
+from msa.message.queuefile import Envelope, one_line, utc_iso
 
 ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")
 _MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(<[^<>\r\n]{1,500}>)")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .headers import field_name, is_field_start
+from msa.message.headers import field_name, is_field_start
 
 CRLF = b"\r\n"
 MAX_HEADER_BYTES = 1024 * 1024

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from email.utils import getaddresses
 from typing import Iterator
 
-from .errors import AddressError
+from msa.protocol.errors import AddressError
 
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_ADDRESS = 254  # RFC 5321 §4.5.3.1.3 path limit less the brackets
@@ -83,7 +83,7 @@ class HeaderSection:
 def read_header_section(pieces: Iterator[bytes],
                         limit: int = MAX_HEADER_BYTES) -> HeaderSection:
     """Consume the header section from CRLF-normalised pieces (a piece
-    ending in CRLF ends a line; see :mod:`msa.sendmail_input`). The
+    ending in CRLF ends a line; see :mod:`msa.submission.sendmail_input`). The
     iterator is left at the first body piece."""
     section = HeaderSection()
     line = b""

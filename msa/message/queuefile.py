@@ -95,6 +95,11 @@ def utc_iso(ts: float) -> str:
     return _dt.datetime.fromtimestamp(ts, _UTC).isoformat(timespec="microseconds")[:26] + "Z"
 
 
+def is_utc_iso(text: str) -> bool:
+    """True when ``text`` is exactly what :func:`utc_iso` writes."""
+    return _ISO_UTC.fullmatch(text) is not None
+
+
 def parse_iso(text: str) -> float:
     """The inverse of :func:`utc_iso`. What it writes is parsed with
     ``fromisoformat`` (strptime costs ten times more); anything else goes

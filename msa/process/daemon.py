@@ -1,7 +1,7 @@
 """``msa daemon|edge|watch|deliver``: run the long-lived components.
 
 ``msa daemon`` supervises the SMTP submission listeners, the watcher and
-the delivery runner as child processes (:mod:`msa.supervisor`; each child
+the delivery runner as child processes (:mod:`msa.process.supervisor`; each child
 is the code path of ``msa edge``, ``msa watch`` or ``msa deliver``), or,
 with ``[daemon] processes = false`` or ``--single-process``, runs all
 three in one asyncio loop. ``msa edge``, ``msa watch`` and ``msa deliver``
@@ -41,10 +41,10 @@ import signal
 import sys
 import time
 
-from . import config, sysexits, system
-from .control import ControlServer
-from .store import open_spool
-from .supervisor import READY, RELOAD_FAILED, RELOADED, ChildLink, Supervisor, parse_supervised
+from msa import config, sysexits, system
+from msa.admin.control import ControlServer
+from msa.store import open_spool
+from msa.process.supervisor import READY, RELOAD_FAILED, RELOADED, ChildLink, Supervisor, parse_supervised
 
 log = logging.getLogger("msa.daemon")
 
@@ -77,7 +77,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if name == "daemon":
         p.add_argument("--single-process", action="store_true",
                        help="run the components in this one process ([daemon].processes = false)")
-    # Given by the supervisor to its children only (msa.supervisor).
+    # Given by the supervisor to its children only (msa.process.supervisor).
     p.add_argument("--supervised", help=argparse.SUPPRESS)
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     opts = p.parse_args(argv[1:])
@@ -251,7 +251,7 @@ def child_options(cfg: config.Config) -> list[str]:
 
 class Daemon:
     """The components of one process and their lifecycle. ``link`` is set
-    in a child of :class:`msa.supervisor.Supervisor`."""
+    in a child of :class:`msa.process.supervisor.Supervisor`."""
 
     def __init__(self, cfg: config.Config, spool, components: tuple[str, ...],
                  link: ChildLink | None = None, reuse_port: bool = False):
@@ -269,15 +269,15 @@ class Daemon:
     def build(self) -> None:
         """Create the components (raises ConfigError early)."""
         if "edge" in self.components:
-            from .edge import edges_from_config
+            from msa.submission.edge import edges_from_config
             # Several edge processes on one address: SO_REUSEPORT.
             shared = {"reuse_port": True} if self.reuse_port else {}
             self.edges = list(edges_from_config(self.cfg, self.spool, **shared))
         if "watch" in self.components:
-            from .watcher import Watcher
+            from msa.cleanup.watcher import Watcher
             self.watcher = Watcher(self.cfg, self.spool)
         if "deliver" in self.components:
-            from .runner import Runner
+            from msa.delivery.runner import Runner
             self.runner = Runner(self.cfg, self.spool)
         if "deliver" in self.components and self.link is None:
             self.control = ControlServer(self.cfg.control_socket(), {

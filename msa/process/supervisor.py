@@ -56,8 +56,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import config, sysexits
-from .control import ControlServer
+import msa
+from msa import config, sysexits
+from msa.admin.control import ControlServer
 
 log = logging.getLogger("msa.daemon")
 
@@ -449,6 +450,6 @@ def _child_env() -> dict[str, str]:
     PYTHONPATH, so ``python -m msa.cli`` finds the same msa (a checkout
     run through ``bin/msa`` is not on the default path)."""
     env = dict(os.environ)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(msa.__file__)))
     env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env

@@ -1,7 +1,7 @@
 """SMTP command lines, paths and ESMTP parameters (pure: no I/O).
 
 Every function either returns parsed values or raises an
-:class:`msa.errors.MsaError` whose ``reply()`` is the line to send.
+:class:`msa.protocol.errors.MsaError` whose ``reply()`` is the line to send.
 
 Decisions, with the RFC that makes them:
 
@@ -26,7 +26,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from .errors import MsaError
+from msa.protocol.errors import MsaError
 
 COMMAND_LIMIT = 512
 EXTENDED_LIMIT = 1024

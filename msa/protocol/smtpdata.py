@@ -40,7 +40,7 @@ import email.policy
 import re
 from dataclasses import dataclass
 
-from .errors import PermanentError
+from msa.protocol.errors import PermanentError
 
 MAX_LINE = 998
 CR, LF, DOT = 13, 10, 46

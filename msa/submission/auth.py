@@ -44,7 +44,7 @@ import filelock
 
 from spool import fsync_dir
 
-from .errors import PermanentError
+from msa.protocol.errors import PermanentError
 
 log = logging.getLogger("msa.auth")
 

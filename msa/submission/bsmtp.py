@@ -1,9 +1,9 @@
 """``sendmail -bs``: an SMTP dialogue on standard input and output, as a
 pure state machine (command line in, reply out; no I/O).
 
-The caller (:func:`msa.sendmail.run_smtp`) reads lines, feeds
+The caller (:func:`msa.submission.sendmail.run_smtp`) reads lines, feeds
 :meth:`LocalSmtp.command`, writes the replies, and after a ``354`` reads
-the message itself through :class:`msa.sendmail_input.MessageInput` in
+the message itself through :class:`msa.submission.sendmail_input.MessageInput` in
 ``"smtp"`` dot mode, then reports the outcome with
 :meth:`LocalSmtp.message_queued` or :meth:`LocalSmtp.message_failed`.
 
@@ -25,9 +25,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .errors import AddressError
-from .headers import normalize_address
-from .sendmail_args import UsageError, parse_body, parse_envid, parse_notify, parse_ret
+from msa.protocol.errors import AddressError
+from msa.message.headers import normalize_address
+from msa.submission.sendmail_args import UsageError, parse_body, parse_envid, parse_notify, parse_ret
 
 MAX_COMMAND_LINE = 4096
 _HEX2 = re.compile(r"[0-9A-Fa-f]{2}")

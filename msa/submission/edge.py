@@ -11,7 +11,7 @@ From the tutorial::
 
 and from the config: ``edges_from_config(cfg, spool)``.
 
-Decisions (the session rules are in :mod:`msa.edgesession`):
+Decisions (the session rules are in :mod:`msa.submission.session`):
 
 - ``queue`` is a :class:`spool.Spool` or anything with a ``.spool``.
 - AUTH is required before MAIL unless ``require_auth=False`` is passed
@@ -20,10 +20,10 @@ Decisions (the session rules are in :mod:`msa.edgesession`):
   clients from those networks send without AUTH, as any sender (Postfix's
   ``permit_mynetworks``); they may still AUTH, and are then checked like
   any authenticated user.
-- ``auth_class`` may be an :class:`msa.auth.Auth` subclass (the tutorial
+- ``auth_class`` may be an :class:`msa.submission.auth.Auth` subclass (the tutorial
   passes the class: it is made once per session, with the session as
   slimta does, or without arguments) or an instance (shared).
-- Whom a user may send as (:class:`msa.auth.SenderPolicy`): ``senders``,
+- Whom a user may send as (:class:`msa.submission.auth.SenderPolicy`): ``senders``,
   their login when it is an address, and ``login@sender_domain``, where
   ``sender_domain`` defaults to the edge's hostname, as ``[server] domain``
   does. So the tutorial's ``testuser`` may send as
@@ -32,7 +32,7 @@ Decisions (the session rules are in :mod:`msa.edgesession`):
 - Settings are a snapshot taken when a connection is accepted:
   :meth:`SmtpEdge.reload` changes limits, the password file and the sender
   map for new connections only, and loads a new certificate into the live
-  TLS context (:func:`msa.tlsconf.reload_into`) without touching
+  TLS context (:func:`msa.submission.tls.reload_into`) without touching
   established sessions.
 - :meth:`SmtpEdge.stop` stops accepting, closes idle sessions with
   ``421 4.3.2`` at once, lets sessions inside a mail transaction finish
@@ -57,11 +57,12 @@ from typing import Any
 
 from spool import Spool
 
-from . import policies, tlsconf
-from .auth import PasswdFileAuth, SenderPolicy, TrustedNetworks
-from .config import Config, ConfigError, EdgeConfig
-from .edgesession import ABORT_AFTER, SmtpSession
-from .edgestore import DirSyncer, dir_syncer_for
+from msa.cleanup import policies
+from msa.submission import tls as tlsconf
+from msa.submission.auth import PasswdFileAuth, SenderPolicy, TrustedNetworks
+from msa.config import Config, ConfigError, EdgeConfig
+from msa.submission.session import ABORT_AFTER, SmtpSession
+from msa.submission.writer import DirSyncer, dir_syncer_for
 
 log = logging.getLogger("msa.edge")
 
@@ -271,7 +272,7 @@ class SmtpEdge:
             self._drained.set()
 
     async def verify(self, backend: Any, login: str, password: str) -> str:
-        """``backend.verify_secret`` (see :func:`msa.auth.auth_backend`), off the
+        """``backend.verify_secret`` (see :func:`msa.submission.auth.auth_backend`), off the
         event loop unless it is a coroutine function."""
         if inspect.iscoroutinefunction(backend.verify_secret):
             return await backend.verify_secret(login, password, None)

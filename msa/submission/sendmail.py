@@ -1,6 +1,6 @@
 """``sendmail`` and ``mailq``: the local submission commands (thin I/O
-edge around :mod:`msa.sendmail_args`, :mod:`msa.sendmail_input`,
-:mod:`msa.headers`, :mod:`msa.bsmtp` and :mod:`msa.mailq`).
+edge around :mod:`msa.submission.sendmail_args`, :mod:`msa.submission.sendmail_input`,
+:mod:`msa.message.headers`, :mod:`msa.submission.bsmtp` and :mod:`msa.admin.mailq`).
 
 ``sendmail`` writes one queue file into ``maildrop/`` and needs no daemon:
 it runs with the caller's uid, and ``maildrop/`` and ``tmp/`` are mode
@@ -13,7 +13,7 @@ it runs with the caller's uid, and ``maildrop/`` and ``tmp/`` are mode
   unnamed temporary file).
 - Memory is bounded whatever the message size: input is read in pieces of
   at most :data:`PIECE` bytes, the header section is capped
-  (:data:`msa.headers.MAX_HEADER_BYTES`), and the message is buffered in
+  (:data:`msa.message.headers.MAX_HEADER_BYTES`), and the message is buffered in
   an unnamed file in the spool's ``tmp/`` (in memory up to
   :data:`MEMORY_BUFFER`) until its size, which the envelope states before
   the message, is known; then it is copied into the queue file.
@@ -40,17 +40,18 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 from spool import Spool, SpoolError, SpoolFull, SpoolUnavailable
 
-from . import config, queuefile, sysexits
-from .bsmtp import MAX_COMMAND_LINE, LocalSmtp, Reply
-from .errors import AddressError
-from .headers import (HeaderTooLarge, extract_recipients, field_name, from_field,
+from msa import config, sysexits
+from msa.message import queuefile
+from msa.submission.bsmtp import MAX_COMMAND_LINE, LocalSmtp, Reply
+from msa.protocol.errors import AddressError
+from msa.message.headers import (HeaderTooLarge, extract_recipients, field_name, from_field,
                       normalize_address, read_header_section, safe_display_name)
-from .mailq import list_queue
-from .queuecmd import flush_command
-from .queuefile import Envelope
-from .sendmail_args import USAGE, Options, UsageError, parse_args
-from .sendmail_input import MessageInput
-from .store import open_spool
+from msa.admin.mailq import list_queue
+from msa.admin.queuecmd import flush_command
+from msa.message.queuefile import Envelope
+from msa.submission.sendmail_args import USAGE, Options, UsageError, parse_args
+from msa.submission.sendmail_input import MessageInput
+from msa.store import open_spool
 
 PIECE = 65536
 MEMORY_BUFFER = 1024 * 1024

@@ -18,7 +18,7 @@ rcpt``. Invariants:
   anything is spooled: ``-F`` with a control character, line break or
   more than 256 characters, and a recipient or ``-f`` that is not UTF-8,
   are a :class:`UsageError`. (Addresses are checked further by
-  :func:`msa.headers.normalize_address`: exit 67.)
+  :func:`msa.message.headers.normalize_address`: exit 67.)
 - Options that only make sense for Sendmail's own daemon or alias database
   (``-G -U -m -n -x -c -h -L -O -p -X -e``) are accepted and ignored, as
   Postfix does, so scripts written for Sendmail keep working.
@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import sysexits
-from .headers import display_name_problem
+from msa import sysexits
+from msa.message.headers import display_name_problem
 
 USAGE = ("usage: sendmail [-t] [-i] [-f sender] [-F name] [-N dsn] [-R ret]\n"
          "                [-V envid] [-B 7BIT|8BITMIME] [-C config] [-v]\n"
@@ -158,7 +158,7 @@ def parse_full_name(value: str) -> str:
     """``-F`` value: it becomes the display name of the ``From:`` field
     msa writes, so a line break or other control character (which would
     end that field and start another) is refused, not repaired
-    (:func:`msa.headers.display_name_problem`)."""
+    (:func:`msa.message.headers.display_name_problem`)."""
     problem = display_name_problem(value)
     if problem:
         raise UsageError(f"bad -F value: {problem}")

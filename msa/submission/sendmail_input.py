@@ -6,7 +6,7 @@ or, for a line longer than the reader's chunk, part of one (no ``\\n``).
 Memory is bounded by the largest piece; nothing keeps the whole message.
 
 Output invariants (the queue file's message part, see
-:mod:`msa.queuefile`):
+:mod:`msa.message.queuefile`):
 
 - Every line ends in CRLF: ``\\r\\n`` and bare ``\\n`` endings both become
   ``\\r\\n`` (RFC 5322 §2.1); a last line without an ending gets one; a

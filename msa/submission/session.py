@@ -6,7 +6,7 @@ the AUTH PLAIN/LOGIN exchanges (its ``auth_*`` methods, used here only to
 decode credentials), and QUIT/NOOP/RSET/HELP/VRFY. We replace what must
 behave differently:
 
-- the command loop: per-command limits (:mod:`msa.smtpcmd`), CRLF-only
+- the command loop: per-command limits (:mod:`msa.protocol.smtpcmd`), CRLF-only
   command lines, a counted error budget (``421 4.7.0`` when spent), the
   command timeout answered with ``421 4.4.2`` before closing, and a clean
   ``421 4.3.2`` when the edge stops;
@@ -14,8 +14,8 @@ behave differently:
   after STARTTLS: aiosmtpd's ``auth_require_tls`` does not see implicit
   TLS), AUTH (argon2 in a thread, failure delay and limit), MAIL, RCPT;
 - DATA, which aiosmtpd would buffer whole in memory: we read the stream in
-  chunks through :class:`msa.smtpdata.DataReader` into a
-  :class:`msa.edgestore.BodySink` (memory up to a bound, then an unnamed
+  chunks through :class:`msa.protocol.smtpdata.DataReader` into a
+  :class:`msa.submission.writer.BodySink` (memory up to a bound, then an unnamed
   file in the spool's ``tmp/``).
 
 CPU per message (the edge is CPU bound): aiosmtpd's ``SMTP.__init__``
@@ -31,9 +31,9 @@ DEBUG unless the session queued nothing or had errors.
 
 Durability (DESIGN invariant 1): ``250`` is sent only after the queue file
 was written in ``tmp/``, fsynced and renamed into ``incoming/`` in a
-store thread (:func:`msa.edgestore.write_message`), and a directory fsync
+store thread (:func:`msa.submission.writer.write_message`), and a directory fsync
 that began after the rename has completed (the stage's
-:class:`msa.edgestore.DirSyncer`, shared by the sessions storing at the
+:class:`msa.submission.writer.DirSyncer`, shared by the sessions storing at the
 same time, resolves the session's future only then). The edge's only
 client's message (held in memory) is stored the same way by the event
 loop itself: no thread hand-off in its wait. With 2 to 4 sessions the
@@ -50,17 +50,22 @@ import logging
 import time
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope as _AioEnvelope, _AuthMechAttr
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope as _AioEnvelope
+# private: aiosmtpd's AUTH table holds _AuthMechAttr entries and has no public
+# constructor for them; goes when msa owns the SMTP server (issue 11).
+from aiosmtpd.smtp import _AuthMechAttr  # private: see above
 from aiosmtpd.smtp import Session as _AioSession, TLSSetupException
 
 from spool import SpoolError, new_id
 
-from . import queuefile, smtpcmd, smtpdata, tlsconf
-from .edgestore import (BodySink, discard_writer, open_writer, spool_reply, store_pool,
+from msa.message import queuefile
+from msa.protocol import smtpcmd, smtpdata
+from msa.submission import tls as tlsconf
+from msa.submission.writer import (BodySink, discard_writer, open_writer, spool_reply, store_pool,
                         write_message)
-from .auth import CredentialsInvalidError, auth_backend
-from .errors import MsaError
-from .validators import Reply, SmtpValidators, enhance
+from msa.submission.auth import CredentialsInvalidError, auth_backend
+from msa.protocol.errors import MsaError
+from msa.submission.validators import Reply, SmtpValidators, enhance
 
 log = logging.getLogger("msa.edge")
 # aiosmtpd logs every connection and command at INFO under "mail.log"; our
@@ -190,7 +195,7 @@ def hook_table(validators: Any) -> dict[str, int]:
 
 @functools.lru_cache(maxsize=512)
 def _enhanced(line: str) -> str:
-    """:func:`msa.validators.enhance`, remembered: most replies are the
+    """:func:`msa.submission.validators.enhance`, remembered: most replies are the
     same few lines."""
     return enhance(line)
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from msa import policies
+from msa.cleanup import policies
 from msa.queue import Queue, SpoolStorage
 from tests import support
 from tests.daemon_support import numbered_message

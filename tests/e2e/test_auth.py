@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from msa import usercmd
-from msa.auth import (CredentialsInvalidError, PasswdEntry, PasswdFile, PasswdFileAuth,
+from msa.admin import usercmd
+from msa.submission.auth import (CredentialsInvalidError, PasswdEntry, PasswdFile, PasswdFileAuth,
                       SenderPolicy, parse_passwd, valid_username)
 from tests import support
 from tests.edge_support import FAST_HASHER, add_user

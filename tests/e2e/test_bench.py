@@ -103,7 +103,7 @@ def test_profile_summary_attributes_child_processes_by_command_line():
 
 
 def test_backlog_files_are_valid_queue_files(tmp_path):
-    from msa import queuefile
+    from msa.message import queuefile
     msa_side.write_backlog(tmp_path, 3, size=500)
     names = sorted(os.listdir(tmp_path))
     assert len(names) == 3 and names == sorted(set(names))

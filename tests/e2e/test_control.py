@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from msa import config
-from msa.control import ControlServer, permitted, send_control, send_to
+from msa.admin.control import ControlServer, permitted, send_control, send_to
 
 
 def _cfg(path):

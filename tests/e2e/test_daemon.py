@@ -15,7 +15,7 @@ import time
 import pytest
 
 from msa import config
-from msa.control import send_control
+from msa.admin.control import send_control
 from msa.store import open_spool
 from tests import support
 from tests.daemon_support import (add_user, numbered_message, smtp_login, spooled_seqs,

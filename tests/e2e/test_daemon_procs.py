@@ -1,4 +1,4 @@
-"""``msa daemon`` as a supervisor of child processes (msa.supervisor):
+"""``msa daemon`` as a supervisor of child processes (msa.process.supervisor):
 children on the ``msa edge|watch|deliver`` code paths, restart of a dead
 child, no orphans after kill -9 of the supervisor, start-up failure, flush
 reaching the runner, and the single-process mode."""
@@ -13,9 +13,9 @@ import sys
 import pytest
 
 from msa import config
-from msa.control import send_control
+from msa.admin.control import send_control
 from msa.store import open_spool
-from msa.supervisor import edge_workers, parse_supervised, restart_delay
+from msa.process.supervisor import edge_workers, parse_supervised, restart_delay
 from tests import support
 from tests.daemon_support import (MESSAGE, add_user, deposit, numbered_message, smtp_file,
                                   smtp_login, spooled_seqs, start_daemon, start_detached,

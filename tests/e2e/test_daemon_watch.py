@@ -7,7 +7,8 @@ import signal
 import subprocess
 import sys
 
-from msa import config, queuefile
+from msa import config
+from msa.message import queuefile
 from msa.store import open_spool
 from tests import support
 from tests.daemon_support import MESSAGE, deposit, smtp_file, start_detached

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from msa.queuefile import load
+from msa.message.queuefile import load
 from msa.store import open_spool
 from tests import support
 from tests.daemon_support import add_user, smtp_login, start_daemon

@@ -67,7 +67,7 @@ def test_demo_runs_and_the_readme_examples_submit(tmp_path):
         sp = open_spool(config.load(str(tmp_path / "var" / "msa.toml")))
 
         def demo_mail():
-            from msa.queuefile import load
+            from msa.message.queuefile import load
             senders = []
             for stage in [*sp.stages, *sp.deferred_stages()]:
                 for name in sp.names(stage):

@@ -10,10 +10,10 @@ import threading
 
 import pytest
 
-from msa.auth import Auth, CredentialsInvalidError
+from msa.submission.auth import Auth, CredentialsInvalidError
 from msa.config import ConfigError
-from msa.edge import SmtpEdge, edges_from_config, parse_listen
-from msa.validators import Reply, SmtpValidators, enhance
+from msa.submission.edge import SmtpEdge, edges_from_config, parse_listen
+from msa.submission.validators import Reply, SmtpValidators, enhance
 from spool import Spool
 from tests import support
 from tests.edge_support import (EdgeThread, Edges, RawClient, add_user, read_queued,
@@ -278,5 +278,5 @@ def test_async_auth_backend(tmp_path, ca):
 
 
 def ssl_ctx(ca) -> ssl.SSLContext:
-    from msa.tlsconf import server_context
+    from msa.submission.tls import server_context
     return server_context(str(ca.cert_pem), str(ca.key_pem))

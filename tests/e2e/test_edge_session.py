@@ -14,9 +14,9 @@ import ssl
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from msa.edge import SmtpEdge
-from msa.edgesession import _NO_HOOK, _NO_HOOKS, SmtpSession, hook_arity
-from msa.validators import SmtpValidators
+from msa.submission.edge import SmtpEdge
+from msa.submission.session import _NO_HOOK, _NO_HOOKS, SmtpSession, hook_arity
+from msa.submission.validators import SmtpValidators
 from spool import Spool
 from tests import support
 from tests.edge_support import EdgeThread, Edges, RawClient, send_message
@@ -131,9 +131,9 @@ def test_command_timer_rearms_while_client_is_busy(tmp_path, ca):
     try:
         c = e.client()
         for _ in range(5):  # 300 s in all: the first deadline is long past
-            loop.advance(60.0)
+            loop.advance_threadsafe(60.0)
             assert c.cmd("NOOP").startswith("250"), "cut off while busy"
-        loop.advance(100.5)
+        loop.advance_threadsafe(100.5)
         assert c.closed(timeout=30)
         assert c.buf.startswith(b"421 4.4.2")
     finally:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from msa.auth import Auth, CredentialsInvalidError, TrustedNetworks
+from msa.submission.auth import Auth, CredentialsInvalidError, TrustedNetworks
 from msa.config import ConfigError
-from msa.edge import SmtpEdge, edges_from_config, listen_backlog
+from msa.submission.edge import SmtpEdge, edges_from_config, listen_backlog
 from spool import Spool
 from tests import support
 from tests.edge_support import EdgeThread, Edges, RawClient, read_queued, send_message

@@ -10,11 +10,11 @@ import threading
 
 import pytest
 
-from msa import maildrop
-from msa.maildrop import LineEndings, Refused, check_address, sanitise
-from msa.queuefile import Envelope
+from msa.cleanup import maildrop
+from msa.cleanup.maildrop import LineEndings, Refused, check_address, sanitise
+from msa.message.queuefile import Envelope
 from msa.store import open_spool
-from msa.watcher import Watcher
+from msa.cleanup.watcher import Watcher
 from tests import support
 from tests.daemon_support import MESSAGE, load_all, make_cfg, queue_file
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from msa import queuefile
+from msa.message import queuefile
 from tests import sendmail_support as ss
 from tests import support
 

@@ -1,4 +1,4 @@
-"""MX resolution (msa.mx) against real DNS servers on loopback: dnsmasq for
+"""MX resolution (msa.delivery.mx) against real DNS servers on loopback: dnsmasq for
 the ordinary cases, a dnspython server for SERVFAIL and timeouts."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import random
 import dns.resolver
 import pytest
 
-from msa import mx
-from msa.errors import PermanentError, TransientError
+from msa.delivery import mx
+from msa.protocol.errors import PermanentError, TransientError
 from tests.relay_support import DnsServer, run_async, start_dnsmasq
 
 ZONE = """

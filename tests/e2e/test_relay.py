@@ -1,4 +1,4 @@
-"""The SMTP client (msa.relay) against real servers on loopback: aiosmtpd
+"""The SMTP client (msa.delivery.relay) against real servers on loopback: aiosmtpd
 sinks in threads, Postfix smtp-sink, DNS from a dnspython server."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import ssl
 
 import pytest
 
-from msa import mx
-from msa.queuefile import Envelope
-from msa.relay import BytesMessage, MxSmtpRelay, SmarthostRelay
+from msa.delivery import mx
+from msa.message.queuefile import Envelope
+from msa.delivery.relay import BytesMessage, MxSmtpRelay, SmarthostRelay
 from tests import support
 from tests.relay_support import DnsServer, ScriptedServer, Sink, run_async, server_tls_context
 
@@ -368,7 +368,7 @@ def test_large_message_is_streamed_not_loaded(tmp_path):
 
 
 async def _attempt_file(relay, f, size):
-    from msa.relay import FileMessage
+    from msa.delivery.relay import FileMessage
     try:
         return await relay.attempt(envelope("b@x.test"), FileMessage(f, 0, size))
     finally:
@@ -393,7 +393,7 @@ def test_opportunistic_tls_that_cannot_be_negotiated_falls_back_to_plain(ca):
 
 def test_relay_from_config(tmp_path):
     from msa import config
-    from msa.relay import relay_from_config
+    from msa.delivery.relay import relay_from_config
     pw = tmp_path / "pw"
     pw.write_text("s3cret\n")
     cfg = config.from_dict({"server": {"hostname": "msa.test"}, "relay": {

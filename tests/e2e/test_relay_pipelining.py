@@ -1,4 +1,4 @@
-"""Round trips of the SMTP client (msa.relay): RFC 2920 PIPELINING when the
+"""Round trips of the SMTP client (msa.delivery.relay): RFC 2920 PIPELINING when the
 server offers it, and no RSET between completed transactions on a reused
 connection (RFC 5321 §4.1.1.4), against aiosmtpd sinks and Postfix
 smtp-sink on loopback."""
@@ -9,10 +9,10 @@ import asyncio
 
 import pytest
 
-from msa.relay import BytesMessage
+from msa.delivery.relay import BytesMessage
 from tests import support
 from tests.relay_support import Sink, run_async, start_smtp_sink, stop_smtp_sink
-from tests.test_relay import MSG, attempt_and_close, envelope, relay_to
+from tests.e2e.test_relay import MSG, attempt_and_close, envelope, relay_to
 
 MIXED = {"ok@x.test": "250 2.1.5 fine",
          "busy@x.test": "450 4.2.1 mailbox busy",
@@ -309,7 +309,7 @@ def test_reply_parser_shortcut_is_aiosmtplib_parser(data):
     aiosmtplib's parser parses (replies, errors, what stays buffered)."""
     from aiosmtplib.protocol import SMTPProtocol
 
-    from msa.relay import PipeliningProtocol
+    from msa.delivery.relay import PipeliningProtocol
     loop = asyncio.new_event_loop()
     try:
         outcomes = []

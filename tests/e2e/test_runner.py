@@ -1,4 +1,4 @@
-"""The delivery runner (msa.runner) in-process against aiosmtpd sinks:
+"""The delivery runner (msa.delivery.runner) in-process against aiosmtpd sinks:
 delivery from active/, deferral into deferred/<N>/ with mtime = due,
 retry, partial failure with one DSN, expiry, null sender, corrupt files,
 hold/, connection reuse and bounded work in flight."""
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from msa.queuefile import load
+from msa.message.queuefile import load
 from tests import support
 from tests.relay_support import (RunnerHarness, Sink, load_config, relay_config,
                                  write_queue_file)
@@ -206,7 +206,7 @@ def test_failed_bounce_is_dropped_after_bounce_lifetime_not_looped(tmp_path, sin
 def test_notify_never_suppresses_dsn(tmp_path, sink):
     sink.rules = {"*": "550 5.1.1 No"}
     cfg = cfg_for(tmp_path, sink)
-    from msa.queuefile import Envelope, utc_iso
+    from msa.message.queuefile import Envelope, utc_iso
     from spool import new_id
 
     async def go():
@@ -344,7 +344,7 @@ def test_small_and_large_files_are_relayed_intact(tmp_path, sink, monkeypatch):
     than runner.READ_WHOLE (streamed from the file) reach the server with
     the same bytes, dots and line ends included; a large file whose Size
     is wrong is quarantined like a small one."""
-    from msa import runner
+    from msa.delivery import runner
     monkeypatch.setattr(runner, "READ_WHOLE", 4096)
     big = MSG + b"".join(b".line %05d of a big message\r\n" % i for i in range(2000))
     cfg = cfg_for(tmp_path, sink)
@@ -384,7 +384,8 @@ def test_envelope_of_bytes_is_read_envelope(data, limit, monkeypatch):
     queuefile.read_envelope gives (envelope, offset), or the same error,
     also around the envelope size limit."""
     import io
-    from msa import queuefile, runner
+    from msa.delivery import runner
+    from msa.message import queuefile
     monkeypatch.setattr(queuefile, "MAX_ENVELOPE", limit)
     monkeypatch.setattr(runner, "MAX_ENVELOPE", limit)
 
@@ -401,7 +402,7 @@ def test_envelope_of_bytes_is_read_envelope(data, limit, monkeypatch):
 def test_info_records_are_those_of_makerecord(caplog):
     """The copied log records of the per-message lines carry the fields a
     record made by the logger has (a formatter may use any of them)."""
-    from msa import runner
+    from msa.delivery import runner
     caplog.set_level(logging.INFO, logger="msa.runner")
     for i in range(3):
         runner._info(f"Q{i}: removed")

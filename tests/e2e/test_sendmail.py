@@ -16,11 +16,11 @@ import time
 
 import pytest
 
-from msa.headers import (HeaderTooLarge, drop_fields, extract_recipients,
+from msa.message.headers import (HeaderTooLarge, drop_fields, extract_recipients,
                          normalize_address, read_header_section)
-from msa.errors import AddressError
-from msa.sendmail_args import UsageError, parse_args
-from msa.sendmail_input import MessageInput
+from msa.protocol.errors import AddressError
+from msa.submission.sendmail_args import UsageError, parse_args
+from msa.submission.sendmail_input import MessageInput
 from tests import sendmail_support as ss
 from tests import support
 
@@ -342,7 +342,7 @@ def test_50mb_message_streams_with_bounded_memory(cfg, tmp_path):
     big.unlink()
     q_path = next((ss.spool_root(cfg) / "maildrop").iterdir())
     with open(q_path, "rb") as f:
-        from msa import queuefile
+        from msa.message import queuefile
         env, offset = queuefile.read_envelope(f)
         queuefile.check_size(f, env, offset)
     assert int(env.size) == len(b"From: a@x.test\r\nSubject: big\r\n\r\n") + (count // 1000) * 1000 * 77
@@ -398,9 +398,9 @@ def test_q_makes_deferred_due_and_tells_the_daemon(cfg):
 
 def test_every_file_passes_the_watchers_maildrop_check(cfg):
     """What sendmail writes is what the watcher accepts from maildrop/
-    (msa.maildrop): awkward input must not end up quarantined."""
+    (msa.cleanup.maildrop): awkward input must not end up quarantined."""
     import pwd
-    from msa import maildrop
+    from msa.cleanup import maildrop
     inputs = [
         (["-t", "-i"], b"To: a@x.test\nBcc: b\nSubject: cr\rin subject\n\nold mac\rline\r\n."),
         (["-f", "<>", "-N", "never", "-V", "id1", "r@x.test"], b"no headers at all"),

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from msa.bsmtp import LocalSmtp
+from msa.submission.bsmtp import LocalSmtp
 from tests import sendmail_support as ss
 from tests import support
 

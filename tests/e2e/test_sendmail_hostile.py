@@ -12,10 +12,11 @@ from email.header import decode_header, make_header
 
 import pytest
 
-from msa import config, sendmail, sysexits
-from msa.headers import field_name
+from msa import config, sysexits
+from msa.submission import sendmail
+from msa.message.headers import field_name
 from msa.store import open_spool
-from msa.watcher import Watcher
+from msa.cleanup.watcher import Watcher
 from tests import support
 from tests.daemon_support import load_all
 from tests.sendmail_support import make_config
@@ -118,6 +119,6 @@ def test_real_command_with_a_line_break_in_F(tmp_path):
 
 
 def test_gecos_name_is_made_safe():
-    from msa.headers import from_field, safe_display_name
+    from msa.message.headers import from_field, safe_display_name
     assert safe_display_name("Eve\r\nBcc: y,room 1") == "EveBcc: y,room 1"
     assert from_field("e@x", safe_display_name("Eve\nX: y")) == b'From: "EveX: y" <e@x>\r\n'

@@ -62,7 +62,7 @@ DEPOSIT_LOOP = textwrap.dedent("""
     import sys, os
     sys.path.insert(0, {root!r})
     from spool import Spool
-    from tests.test_spool import content_for
+    from tests.e2e.test_spool import content_for
     sp = Spool({spool!r}, ["maildrop", "incoming", "active"])
     seq = int(sys.argv[1])
     while True:

@@ -7,11 +7,12 @@ import threading
 
 import pytest
 
-import msa.watcher
+import msa.cleanup.watcher
 import spool.core
-from msa import policies, queuefile
+from msa.cleanup import policies
+from msa.message import queuefile
 from msa.store import open_spool
-from msa.watcher import Watcher
+from msa.cleanup.watcher import Watcher
 from spool import StageWatcher
 from tests import support
 from tests.daemon_support import MESSAGE, deposit, load_all, make_cfg, smtp_file
@@ -87,7 +88,7 @@ def test_rerun_after_crash_before_the_source_is_removed_applies_nothing_twice(
     def crash(path):
         raise RuntimeError("simulated crash after the commit to active/")
 
-    monkeypatch.setattr(msa.watcher, "_unlink", crash)
+    monkeypatch.setattr(msa.cleanup.watcher, "_unlink", crash)
     Watcher(cfg, sp).drain()
     assert sp.path("incoming", qid).read_bytes() == original  # the source is never rewritten
     first = sp.path("active", qid).read_bytes()
@@ -104,7 +105,7 @@ def _as_left_in(stage_policies, data: bytes) -> bytes:
     """A queue file as a per-stage watcher left it after applying (and
     recording) ``stage_policies`` and before moving it on."""
     import tempfile
-    from msa.watcher import Head
+    from msa.cleanup.watcher import Head
     with tempfile.TemporaryFile() as f:
         f.write(data)
         f.seek(0)

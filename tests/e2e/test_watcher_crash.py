@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from tests.daemon_support import make_cfg
 from msa.store import open_spool
-from msa.watcher import Watcher
+from msa.cleanup.watcher import Watcher
 cfg = make_cfg(Path(sys.argv[1]))
 sp = open_spool(cfg)
 sp.recover()
@@ -32,7 +32,7 @@ import asyncio, sys
 from pathlib import Path
 from tests.daemon_support import make_cfg
 from msa.store import open_spool
-from msa.watcher import Watcher
+from msa.cleanup.watcher import Watcher
 cfg = make_cfg(Path(sys.argv[1]))
 sp = open_spool(cfg)
 sp.recover()
@@ -55,7 +55,7 @@ def _drain(tmp_path, **env) -> subprocess.CompletedProcess:
 def _recipients_by_origin(sp) -> dict[str, set[str]]:
     """Original qid -> every recipient found in any stage under its name
     or a part's name (``<qid>-N``)."""
-    from msa import queuefile
+    from msa.message import queuefile
     found: dict[str, set[str]] = {}
     stages = sp.stages
     for stage in stages:
@@ -119,7 +119,7 @@ def test_fifty_megabyte_body_is_streamed(tmp_path):
     count = 50 * 1024 * 1024 // len(body)
     header = b"From: a@example.org\r\nSubject: big\r\n\r\n"
     size = len(header) + count * len(body)
-    from msa.queuefile import Envelope, utc_iso
+    from msa.message.queuefile import Envelope, utc_iso
     env = Envelope(sender="a@example.org", arrival=utc_iso(1_800_000_000), size=str(size),
                    origin="smtp", client_address="127.0.0.1")
     for r in DOMAINS:

@@ -1,10 +1,10 @@
-"""The retry schedule (msa.backoff): pure, so tested with fixed numbers."""
+"""The retry schedule (msa.delivery.backoff): pure, so tested with fixed numbers."""
 
 from __future__ import annotations
 
 import pytest
 
-from msa import backoff
+from msa.delivery import backoff
 from msa.config import RetryConfig
 
 S = RetryConfig(min_delay=300, max_delay=4000, factor=2, jitter=0.0, lifetime=5 * 86400)

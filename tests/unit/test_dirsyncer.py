@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from msa.edgestore import DirSyncer
+from msa.submission.writer import DirSyncer
 
 
 def _resolve_all(loop, futures, timeout=20.0):

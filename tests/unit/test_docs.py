@@ -22,7 +22,7 @@ def _example() -> str:
 def test_example_config_is_valid():
     cfg = config.from_dict(tomllib.loads(_example()), base="/etc/msa")
     assert cfg.policies.forward and cfg.daemon.user == "msa"
-    from msa import policies
+    from msa.cleanup import policies
     assert [s for s, _ in policies.pipeline(cfg)] == [
         "policy-headers", "policy-forward", "policy-split"]
 
@@ -39,7 +39,7 @@ def test_every_key_of_my_sections_is_documented():
 
 def test_msa8_names_every_daemon_option():
     man8 = (support.ROOT / "man" / "msa.8").read_text().replace("\\-", "-")
-    from msa.daemon import parse_args
+    from msa.process.daemon import parse_args
     actions = parse_args(["daemon"])  # noqa: F841 (parses with defaults)
     for option in ("--config", "--foreground", "--detach", "--pidfile", "--user", "--group",
                    "--log", "--log-level"):

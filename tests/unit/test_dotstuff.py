@@ -1,4 +1,4 @@
-"""The DATA encoder (msa.dotstuff) against aiosmtplib's own whole-message
+"""The DATA encoder (msa.protocol.dotstuff) against aiosmtplib's own whole-message
 encoder as an independent oracle, at every chunk boundary (h11 style)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
-from msa.dotstuff import DotStuffer, encode
+from msa.protocol.dotstuff import DotStuffer, encode
 
 SAMPLES = [
     b"Subject: x\r\n\r\nhello\r\n",

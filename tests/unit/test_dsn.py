@@ -1,4 +1,4 @@
-"""The DSN builder (msa.dsn): pure, so its output is parsed back with the
+"""The DSN builder (msa.message.dsn): pure, so its output is parsed back with the
 standard library's email parser and checked field by field."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import email.policy
 
 import pytest
 
-from msa import dsn
-from msa.dsn import DsnRequest, RecipientReport
+from msa.message import dsn
+from msa.message.dsn import DsnRequest, RecipientReport
 
 ORIGINAL = (b"From: alice@example.org\r\nTo: bob@example.test\r\n"
             b"Message-ID: <abc@example.org>\r\nSubject: hi\r\n\r\nbody line\r\n.dot\r\n")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from msa import config, policies
-from msa.headerblock import (END_BODY, END_EMPTY, FIELD, CONTINUATION, HeaderBlock, fold,
+from msa import config
+from msa.cleanup import policies
+from msa.message.headerblock import (END_BODY, END_EMPTY, FIELD, CONTINUATION, HeaderBlock, fold,
                              line_kind)
-from msa.policies import (AddDateHeader, AddMessageIdHeader, AddReceivedHeader, Forward,
+from msa.cleanup.policies import (AddDateHeader, AddMessageIdHeader, AddReceivedHeader, Forward,
                           RecipientDomainSplit, RemoveBccHeader)
-from msa.queuefile import Envelope, utc_iso
+from msa.message.queuefile import Envelope, utc_iso
 
 
 def _env(rcpts=("bob@example.test",), **kw):

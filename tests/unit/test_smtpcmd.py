@@ -1,11 +1,11 @@
-"""Pure command-line, path and ESMTP parameter parsing (msa.smtpcmd)."""
+"""Pure command-line, path and ESMTP parameter parsing (msa.protocol.smtpcmd)."""
 
 from __future__ import annotations
 
 import pytest
 
-from msa.errors import MsaError
-from msa.smtpcmd import (parse_mail_params, parse_params, parse_path, parse_rcpt_params,
+from msa.protocol.errors import MsaError
+from msa.protocol.smtpcmd import (parse_mail_params, parse_params, parse_path, parse_rcpt_params,
                          split_command)
 
 

@@ -1,4 +1,4 @@
-"""The pure DATA reader (msa.smtpdata), h11 style: whole, byte by byte,
+"""The pure DATA reader (msa.protocol.smtpdata), h11 style: whole, byte by byte,
 split at every offset, with trailing data, and against a slow oracle."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from msa.smtpdata import (BareLineEnding, Data, DataReader, EndOfData,
+from msa.protocol.smtpdata import (BareLineEnding, Data, DataReader, EndOfData,
                           HeaderCollector, LineTooLong, MessageTooBig,
                           NulInData, header_addresses)
 
