@@ -34,6 +34,7 @@ import time
 from typing import BinaryIO
 
 from msa.message import queuefile
+from msa.protocol import xtext
 from msa.protocol.errors import AddressError
 from msa.message.headers import normalize_address
 from msa.message.queuefile import MAGIC, MAX_ENVELOPE, Envelope, QueueFileError, Recipient
@@ -170,7 +171,7 @@ def sanitise(raw: Envelope, user: pwd.struct_passwd, domain: str,
     env.body = raw.body if raw.body in ("7BIT", "8BITMIME") else ""
     env.smtputf8 = "yes" if raw.smtputf8 else ""
     env.ret = raw.ret if raw.ret in ("FULL", "HDRS") else ""
-    env.envid = raw.envid[:100] if raw.envid.isprintable() else ""
+    env.envid = raw.envid if len(raw.envid) <= 100 and xtext.is_xtext(raw.envid) else ""
     return env
 
 

@@ -70,7 +70,7 @@ from aiosmtplib.protocol import (COMMAND_INJECTION_REGEX, MAX_LINE_LENGTH,
 from aiosmtplib.response import SMTPResponse
 
 from msa.protocol.dotstuff import DotStuffer
-from msa.message.dsn import status_of as enhanced_status
+from msa.protocol.replies import status_of as enhanced_status
 from msa.protocol.errors import MsaError, PermanentError, TransientError
 from msa.delivery.mx import MxHost, MxResolver, combine_host_errors, parse_hostport
 from msa.message.queuefile import Envelope, Recipient, one_line

@@ -49,7 +49,8 @@ from spool import (DueIndex, GroupSync, Spool, StageWatcher, fsync_dir, id_time,
 
 from msa.delivery import backoff
 from msa.config import ACTIVE, Config
-from msa.message.dsn import DsnRequest, RecipientReport, build_dsn, dsn_envelope, status_of
+from msa.message.dsn import DsnRequest, RecipientReport, build_dsn, dsn_envelope
+from msa.protocol.replies import status_of
 from msa.message.queuefile import (MAGIC, MAX_ENVELOPE, Envelope, QueueFileError, Recipient, check_size,
                         parse_envelope, parse_iso, read_envelope, utc_iso)
 from msa.delivery.relay import BytesMessage, FileMessage, RcptResult, relay_from_config

@@ -36,11 +36,10 @@ import re
 from dataclasses import dataclass
 
 from msa.message.queuefile import Envelope, one_line, utc_iso
+from msa.protocol import xtext
 
 ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")
 _MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(<[^<>\r\n]{1,500}>)")
-_STATUS = re.compile(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b")
-_XTEXT = re.compile(r"\+([0-9A-F]{2})")
 
 
 @dataclass
@@ -89,18 +88,6 @@ class Dsn:
         return len(self.head) + self.include + len(self.tail)
 
 
-def status_of(reply: str, default: str) -> str:
-    """The enhanced status code at the start of an SMTP reply's text, else
-    ``default`` (RFC 3463: a server need not send one)."""
-    m = _STATUS.match(reply)
-    return m.group(1) if m else default
-
-
-def decode_xtext(text: str) -> str:
-    """RFC 3461 §4: ``+XX`` is the byte XX."""
-    return _XTEXT.sub(lambda m: chr(int(m.group(1), 16)), text)
-
-
 def rfc5322_date(ts: float) -> str:
     return email.utils.format_datetime(
         _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).replace(microsecond=0))
@@ -131,7 +118,7 @@ def _addr_field(address: str) -> str:
 def _recipient_block(r: RecipientReport) -> list[str]:
     lines = [f"Final-Recipient: {_addr_field(r.address)}"]
     if r.orcpt:
-        kind, _, addr = decode_xtext(r.orcpt).partition(";")
+        kind, _, addr = xtext.decode(r.orcpt).partition(";")
         lines.append(f"Original-Recipient: {kind.strip()}; {one_line(addr.strip(), 900)}")
     lines += [f"Action: {r.action}", f"Status: {r.status}"]
     if r.remote_mta:
@@ -148,7 +135,7 @@ def _recipient_block(r: RecipientReport) -> list[str]:
 def _status_part(req: DsnRequest) -> str:
     lines = [f"Reporting-MTA: dns; {req.reporting_mta}", f"X-Msa-Queue-ID: {req.queue_id}"]
     if req.envid:
-        lines.append(f"Original-Envelope-Id: {one_line(decode_xtext(req.envid), 900)}")
+        lines.append(f"Original-Envelope-Id: {one_line(xtext.decode(req.envid), 900)}")
     lines += [f"Arrival-Date: {rfc5322_date(req.arrival)}", ""]
     for r in req.recipients:
         lines += _recipient_block(r) + [""]

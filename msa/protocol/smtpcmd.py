@@ -26,6 +26,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from msa.protocol import xtext
 from msa.protocol.errors import MsaError
 
 COMMAND_LIMIT = 512
@@ -148,7 +149,6 @@ def parse_path(text: str, null_ok: bool = False, utf8: bool = True) -> tuple[str
 # -- ESMTP parameters ---------------------------------------------------------
 
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
-_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")
 
 
 def parse_params(text: str) -> dict[str, str | None]:
@@ -199,7 +199,7 @@ def parse_mail_params(text: str) -> MailParams:
                 raise error(501, "5.5.4", "RET must be FULL or HDRS")
             out.ret = value.upper()
         elif key == "ENVID":
-            if value is None or len(value) > 100 or not _XTEXT.fullmatch(value):
+            if value is None or len(value) > 100 or not xtext.is_xtext(value):
                 raise error(501, "5.5.4", "Syntax error in ENVID")
             out.envid = value
         elif key == "AUTH":
@@ -231,10 +231,9 @@ def parse_rcpt_params(text: str, utf8: bool = False) -> RcptParams:
                 raise error(501, "5.5.4", "NOTIFY must be NEVER or SUCCESS,FAILURE,DELAY")
             out.notify = ",".join(words)
         elif key == "ORCPT":
-            addr_type, semi, xtext = (value or "").partition(";")
-            ok = _KEYWORD.fullmatch(addr_type) and semi and len(value) <= 500 and (
-                _XTEXT.fullmatch(xtext) or (utf8 and xtext and not re.search(
-                    r"[\x00-\x20=]", xtext)))
+            addr_type, semi, text = (value or "").partition(";")
+            ok = _KEYWORD.fullmatch(addr_type) and semi and text and len(value) <= 500 and (
+                xtext.is_xtext(text) or (utf8 and not re.search(r"[\x00-\x20=]", text)))
             if not ok:
                 raise error(501, "5.5.4", "Syntax error in ORCPT")
             out.orcpt = value

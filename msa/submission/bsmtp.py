@@ -17,20 +17,20 @@ Invariants:
 - Every reply carries an enhanced status code (RFC 2034, RFC 3463).
 - Bare local parts are qualified with the configured domain, as on the
   command line. DSN parameters (RFC 3461) and BODY (RFC 6152), SIZE (RFC
-  1870) and SMTPUTF8 (RFC 6531) are understood and kept in the envelope.
+  1870) and SMTPUTF8 (RFC 6531) are read by the SMTP edge's own parser
+  (:mod:`msa.protocol.smtpcmd`) and kept in the envelope as the edge keeps
+  them (ENVID and ORCPT in xtext).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
-from msa.protocol.errors import AddressError
 from msa.message.headers import normalize_address
-from msa.submission.sendmail_args import UsageError, parse_body, parse_envid, parse_notify, parse_ret
+from msa.protocol.errors import AddressError, MsaError
+from msa.protocol.smtpcmd import parse_mail_params, parse_rcpt_params
 
 MAX_COMMAND_LINE = 4096
-_HEX2 = re.compile(r"[0-9A-Fa-f]{2}")
 
 
 @dataclass
@@ -69,27 +69,6 @@ def split_path(arg: str) -> tuple[str, list[str]]:
     if not words:
         raise AddressError("missing address")
     return words[0], words[1:]
-
-
-def parse_params(words: list[str]) -> dict[str, str]:
-    params = {}
-    for word in words:
-        key, _, value = word.partition("=")
-        params[key.upper()] = value
-    return params
-
-
-def xtext_decode(text: str) -> str:
-    """RFC 3461 §4: ``+XX`` is a hex-coded byte."""
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "+" and _HEX2.fullmatch(text[i + 1:i + 3]):
-            out.append(chr(int(text[i + 1:i + 3], 16)))
-            i += 3
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
 
 
 class LocalSmtp:
@@ -142,34 +121,18 @@ class LocalSmtp:
         try:
             text, words = split_path(arg[5:])
             sender = normalize_address(text, self.domain, allow_null=True)
-            params = self._mail_params(parse_params(words))
+            mp = parse_mail_params(" ".join(words))
         except AddressError as exc:
             return Reply(501, f"5.1.7 Bad sender address syntax: {exc}")
-        except (UsageError, ValueError) as exc:
-            return Reply(555, f"5.5.4 {exc}")
-        if params.get("SIZE", "0").isdigit() and int(params.get("SIZE", "0")) > self.max_size:
+        except MsaError as exc:
+            return Reply(exc.code, f"{exc.status} {exc.message}")
+        if mp.size is not None and mp.size > self.max_size:
             return Reply(552, "5.3.4 Message size exceeds fixed limit")
-        self.txn = Transaction(sender, params)
+        # As the SMTP edge keeps them: ENVID in xtext (msa-spool(5)).
+        params = {"SIZE": "" if mp.size is None else str(mp.size), "BODY": mp.body,
+                  "RET": mp.ret, "ENVID": mp.envid, "SMTPUTF8": "yes" if mp.smtputf8 else ""}
+        self.txn = Transaction(sender, {k: v for k, v in params.items() if v})
         return Reply(250, "2.1.0 Ok")
-
-    def _mail_params(self, params: dict[str, str]) -> dict[str, str]:
-        out = {}
-        for key, value in params.items():
-            if key == "SIZE" and value.isdigit():
-                out[key] = value
-            elif key == "BODY":
-                out[key] = parse_body(value)
-            elif key == "RET":
-                out[key] = parse_ret(value)
-            elif key == "ENVID":
-                out[key] = parse_envid(xtext_decode(value))
-            elif key == "SMTPUTF8" and not value:
-                out[key] = "yes"
-            elif key == "AUTH":
-                continue  # RFC 4954 §5: ignored without AUTH
-            else:
-                raise ValueError(f"Unsupported MAIL parameter {key}")
-        return out
 
     def _cmd_rcpt(self, arg: str) -> Reply:
         if self.txn is None:
@@ -181,18 +144,12 @@ class LocalSmtp:
         try:
             text, words = split_path(arg[3:])
             rcpt = normalize_address(text, self.domain)
-            params = {}
-            for key, value in parse_params(words).items():
-                if key == "NOTIFY":
-                    params[key] = parse_notify(value)
-                elif key == "ORCPT":
-                    params[key] = value
-                else:
-                    raise ValueError(f"Unsupported RCPT parameter {key}")
+            rp = parse_rcpt_params(" ".join(words), utf8=bool(self.txn.params.get("SMTPUTF8")))
         except AddressError as exc:
             return Reply(501, f"5.1.3 Bad recipient address syntax: {exc}")
-        except (UsageError, ValueError) as exc:
-            return Reply(555, f"5.5.4 {exc}")
+        except MsaError as exc:
+            return Reply(exc.code, f"{exc.status} {exc.message}")
+        params = {k: v for k, v in (("NOTIFY", rp.notify), ("ORCPT", rp.orcpt)) if v}
         self.txn.recipients.append((rcpt, params))
         return Reply(250, "2.1.5 Ok")
 

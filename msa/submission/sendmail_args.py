@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from msa import sysexits
+from msa.protocol import xtext
 from msa.message.headers import display_name_problem
 
 USAGE = ("usage: sendmail [-t] [-i] [-f sender] [-F name] [-N dsn] [-R ret]\n"
@@ -62,7 +63,7 @@ class Options:
     full_name: str | None = None   # -F
     notify: str = ""               # -N, SMTP form: "FAILURE,DELAY" or "NEVER"
     ret: str = ""                  # -R: "HDRS" or "FULL"
-    envid: str = ""                # -V
+    envid: str = ""                # -V, as xtext
     body: str = ""                 # -B: "7BIT" or "8BITMIME"
     error_mode: str = ""           # -oe<x>: "m", "e", "p", "q", "w" (accepted, see sendmail(1))
     config: str | None = None      # -C / --config
@@ -147,11 +148,15 @@ def parse_body(value: str) -> str:
 
 
 def parse_envid(value: str) -> str:
-    """``-V`` value: printable ASCII without spaces, at most 100 characters
-    (RFC 3461 §4.4)."""
-    if not value or len(value) > 100 or any(not 33 <= ord(c) <= 126 for c in value):
+    """``-V`` value, printable ASCII without spaces, as the xtext it is
+    kept and relayed in (RFC 3461 §4.4: at most 100 characters encoded;
+    msa-spool(5))."""
+    if not value or any(not 33 <= ord(c) <= 126 for c in value):
         raise UsageError(f"bad -V value {value!r}")
-    return value
+    encoded = xtext.encode(value)
+    if len(encoded) > 100:
+        raise UsageError("bad -V value: longer than 100 characters as xtext")
+    return encoded
 
 
 def parse_full_name(value: str) -> str:

@@ -10,6 +10,7 @@ import pytest
 
 from msa.message import dsn
 from msa.message.dsn import DsnRequest, RecipientReport
+from msa.protocol.replies import status_of
 
 ORIGINAL = (b"From: alice@example.org\r\nTo: bob@example.test\r\n"
             b"Message-ID: <abc@example.org>\r\nSubject: hi\r\n\r\nbody line\r\n.dot\r\n")
@@ -133,7 +134,7 @@ def test_envelope_is_from_null_sender_to_original_sender():
     ("550 5.1.1 No such user", "5.1.1"), ("550 No such user", "5.0.0"),
     ("452-4.2.2 Full", "4.2.2"), ("", "5.0.0")])
 def test_status_of(reply, want):
-    assert dsn.status_of(reply, "5.0.0") == want
+    assert status_of(reply, "5.0.0") == want
 
 
 def test_header_length():
