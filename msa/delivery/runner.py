@@ -47,12 +47,11 @@ from typing import Callable
 from spool import (DueIndex, GroupSync, Spool, StageWatcher, fsync_dir, id_time, new_id,
                    valid_name)
 
-from msa.delivery import backoff
+from msa.delivery import outcome
 from msa.config import ACTIVE, Config
 from msa.message.dsn import DsnRequest, RecipientReport, build_dsn, dsn_envelope
-from msa.protocol.replies import status_of
-from msa.message.queuefile import (MAGIC, MAX_ENVELOPE, Envelope, QueueFileError, Recipient, check_size,
-                        parse_envelope, parse_iso, read_envelope, utc_iso)
+from msa.message.queuefile import (MAGIC, MAX_ENVELOPE, Envelope, QueueFileError, check_size,
+                                   parse_envelope, parse_iso, read_envelope)
 from msa.delivery.relay import BytesMessage, FileMessage, RcptResult, relay_from_config
 
 log = logging.getLogger("msa.runner")
@@ -388,10 +387,9 @@ class Runner:
 
     async def _deliver(self, claim, f, env: Envelope, offset: int, qid: str,
                        message=None) -> None:
+        """One attempt: relay, then do what :func:`outcome.decide` says."""
         start = self.clock()
         arrival = _arrival(env, qid, start)
-        null_sender = env.sender == ""
-        life = backoff.lifetime(self.retry, null_sender)
         attempt = env.attempt_count + 1
         todo = env.pending()
         if not todo:
@@ -402,55 +400,33 @@ class Runner:
         results = await self.relay.attempt(env, message, todo)
         now = self.clock()
         self.delivered_attempts += 1
-        failed: list[tuple[Recipient, RcptResult, str]] = []
-        logging_info = log.isEnabledFor(logging.INFO)
-        for rcpt, res in zip(todo, results):
-            rcpt.state, rcpt.reply = res.state, res.reply
-            if logging_info:
+        out = outcome.decide(env, todo, results, attempt=attempt, arrival=arrival,
+                             start=start, now=now, retry=self.retry, rand=self.rng.random())
+        if log.isEnabledFor(logging.INFO):
+            for res in results:
                 _log_result(qid, res, now - arrival)
-            if res.state == "failed":
-                failed.append((rcpt, res, res.status))
-        deferred = [(r, res) for r, res in zip(todo, results) if r.state == "deferred"]
-        if deferred and backoff.expired(arrival, now, life):
-            for rcpt, res in deferred:
-                rcpt.state = "failed"
-                log.info("%s: to=<%s>, relay=%s, delay=%.1f, dsn=4.4.7, status=expired, "
+            for rcpt, res in out.expired:
+                log.info("%s: to=<%s>, relay=%s, delay=%.1f, dsn=%s, status=expired, "
                          "returned to sender (%s)", qid, rcpt.address, res.relay,
-                         now - arrival, res.reply)
-                failed.append((rcpt, res, "4.4.7"))
-            deferred = []
-        if failed or deferred:
-            # What the file (a deferral) or a DSN (a bounce) will say; a
-            # message delivered to all is removed, its record unread.
-            self._record(env, results, attempt, start, now)
-        if failed:
-            await self._bounce(env, f, offset, qid, failed, arrival, now)
-        if deferred:
-            due = backoff.next_attempt(self.retry, attempt, arrival, now,
-                                       self.rng.random(), life)
-            env.next_attempt = utc_iso(due)
-            await self._maybe_warn(env, f, offset, qid, deferred, arrival, now, life)
-            await asyncio.to_thread(self._rewrite_and_defer, claim, f, env, offset, due, attempt)
-            self._note_due(f"deferred/{attempt}", due)
-        else:
+                         now - arrival, outcome.EXPIRED, res.reply)
+        new = out.envelope
+        # DSNs first: a crash before the file records the failure
+        # duplicates a DSN, it never loses one.
+        if out.failed and new.sender == "":
+            for rcpt, res, _ in out.failed:
+                log.info("%s: to=<%s>: not bouncing a message from the null sender; "
+                         "dropped (%s)", qid, rcpt.address, res.reply)
+        for reports, what in ((out.bounce, "non-delivery"), (out.warn, "delay")):
+            if reports:
+                dsn_qid = await asyncio.to_thread(self._spool_dsn, new, f, offset, qid,
+                                                  reports, arrival, now)
+                log.info("%s: sender %s notification: %s", qid, what, dsn_qid)
+        if out.remove:
             await self._finish(claim, qid)
-
-    def _record(self, env: Envelope, results: list[RcptResult], attempt: int,
-                start: float, now: float) -> None:
-        stamp = utc_iso(now)
-        env.attempts = str(attempt)
-        env.first_attempt = env.first_attempt or utc_iso(start)
-        env.last_attempt = stamp
-        env.next_attempt = ""
-        seen = set()
-        for res in results:
-            key = (res.relay, res.state, res.reply)
-            if key in seen:
-                continue
-            seen.add(key)
-            env.add_history(f"{stamp} {res.relay} {res.state} {res.reply}")
-        errors = [r.reply for r in results if r.state != "sent"]
-        env.last_error = errors[0] if errors else ""
+        else:
+            await asyncio.to_thread(self._rewrite_and_defer, claim, f, new, offset, out.due,
+                                    attempt)
+            self._note_due(f"deferred/{attempt}", out.due)
 
     async def _finish(self, claim, qid: str) -> None:
         """Remove the file; the directory fsync that makes the removal
@@ -490,44 +466,6 @@ class Runner:
         claim.defer(due, attempt)
 
     # -- DSNs ------------------------------------------------------------------
-
-    def _wants(self, rcpt: Recipient, what: str) -> bool:
-        """RFC 3461 §4.1: NOTIFY=NEVER, or a list; absent = FAILURE (and
-        DELAY, at the MTA's discretion: we send delay warnings only when
-        configured)."""
-        notify = rcpt.notify.upper()
-        if not notify:
-            return True
-        return what in notify.split(",") and "NEVER" not in notify
-
-    async def _bounce(self, env, f, offset, qid, failed, arrival, now) -> None:
-        if env.sender == "":
-            for rcpt, res, _ in failed:
-                log.info("%s: to=<%s>: not bouncing a message from the null sender; "
-                         "dropped (%s)", qid, rcpt.address, res.reply)
-            return
-        reports = [RecipientReport(rcpt.address, "failed", status, res.reply, res.host,
-                                   rcpt.orcpt, last_attempt=now)
-                   for rcpt, res, status in failed if self._wants(rcpt, "FAILURE")]
-        if reports:
-            dsn_qid = await asyncio.to_thread(self._spool_dsn, env, f, offset, qid,
-                                              reports, arrival, now)
-            log.info("%s: sender non-delivery notification: %s", qid, dsn_qid)
-
-    async def _maybe_warn(self, env, f, offset, qid, deferred, arrival, now, life) -> None:
-        warn_after = self.retry.delay_warning
-        if (warn_after <= 0 or env.delay_warned or env.sender == ""
-                or now - arrival < warn_after):
-            return
-        reports = [RecipientReport(rcpt.address, "delayed", status_of(res.reply, "4.0.0"),
-                                   res.reply, res.host, rcpt.orcpt, last_attempt=now,
-                                   will_retry_until=arrival + life)
-                   for rcpt, res in deferred if self._wants(rcpt, "DELAY")]
-        env.delay_warned = utc_iso(now)
-        if reports:
-            dsn_qid = await asyncio.to_thread(self._spool_dsn, env, f, offset, qid,
-                                              reports, arrival, now)
-            log.info("%s: sender delay notification: %s", qid, dsn_qid)
 
     def _spool_dsn(self, env: Envelope, f, offset: int, qid: str,
                    reports: list[RecipientReport], arrival: float, now: float) -> str:
