@@ -37,7 +37,7 @@ from msa.message import queuefile
 from msa.protocol import xtext
 from msa.protocol.errors import AddressError
 from msa.message.headers import normalize_address
-from msa.message.queuefile import MAGIC, MAX_ENVELOPE, Envelope, QueueFileError, Recipient
+from msa.message.queuefile import Envelope, QueueFileError, Recipient
 
 MAX_LOCAL_PART = 64     # RFC 5321 §4.5.3.1.1
 NOTIFY_WORDS = {"NEVER", "SUCCESS", "FAILURE", "DELAY"}
@@ -121,30 +121,15 @@ def _notify(value: str) -> str:
 
 # -- the envelope ----------------------------------------------------------
 
-def _read_block(f: BinaryIO) -> tuple[bytes, int]:
-    """The raw envelope lines (bounded by MAX_ENVELOPE) and the message
-    offset."""
-    f.seek(0)
-    if f.read(len(MAGIC)) != MAGIC:
-        raise Refused("not a queue file (no MSA-Queue-File line)")
-    buf = bytearray(MAGIC)
-    while True:
-        line = f.readline(MAX_ENVELOPE + 1 - len(buf))
-        if not line or not line.endswith(b"\n") or len(buf) + len(line) > MAX_ENVELOPE:
-            raise Refused("truncated or oversized envelope")
-        buf += line
-        if line == b"\n":
-            return bytes(buf[:-1]), len(buf)
-
-
 def read_untrusted(f: BinaryIO, user: pwd.struct_passwd, domain: str) -> tuple[Envelope, int]:
     """Parse and sanitise the envelope of an open maildrop file; returns the
     trusted envelope and the offset of the message."""
-    block, offset = _read_block(f)
-    sender_given = b"\nSender: " in block
-    if not sender_given:
-        block += b"Sender: <>\n"
+    f.seek(0)
     try:
+        block, offset = queuefile.read_envelope_block(f)
+        sender_given = b"\nSender: " in block
+        if not sender_given:
+            block += b"Sender: <>\n"
         raw = queuefile.parse_envelope(block)
         queuefile.check_size(f, raw, offset)
     except QueueFileError as exc:

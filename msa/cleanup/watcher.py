@@ -52,8 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import copy
-import io
 import logging
 import os
 import queue
@@ -66,10 +64,11 @@ from typing import BinaryIO, Iterator
 import spool as spoollib
 from spool import Claim, Spool, StageWatcher, ThreadGroupSync
 
-from msa.cleanup import maildrop, policies
+from msa.cleanup import maildrop, pipeline, policies
 from msa.message import queuefile
 from msa.config import ACTIVE, Config, ConfigError
-from msa.message.headerblock import END_BODY, END_EMPTY, HeaderBlock, line_kind
+from msa.message.headerblock import HeaderBlock
+from msa.message.headers import HeaderTooLarge
 from msa.cleanup.policies import Policy
 from msa.message.queuefile import Envelope, QueueFileError
 
@@ -84,29 +83,6 @@ CRASH_AFTER_PARTS_ENV = "MSA_TEST_CRASH_AFTER_PARTS"
 HEAD_READ = 65536
 
 
-class HeaderTooBig(Exception):
-    pass
-
-
-def read_headers(f: BinaryIO, offset: int, cap: int) -> tuple[HeaderBlock, int]:
-    """Read the header section of the message at ``offset``; returns it and
-    the offset where the body (including its empty separator line) starts."""
-    f.seek(offset)
-    buf = bytearray()
-    pos = offset
-    while True:
-        line = f.readline(cap + 1 - len(buf))
-        if not line:
-            return HeaderBlock.parse(bytes(buf)), pos
-        kind = line_kind(line, bool(buf))
-        if kind in (END_EMPTY, END_BODY):
-            return HeaderBlock.parse(bytes(buf), missing_separator=kind == END_BODY), pos
-        buf += line
-        pos += len(line)
-        if len(buf) > cap:
-            raise HeaderTooBig(f"header section larger than {cap} bytes")
-
-
 class Head:
     """What one read of a queue file gives: its envelope, its header
     section, where the body starts, and the bytes read so far (a prefix of
@@ -116,37 +92,20 @@ class Head:
         self.f = f
         self.file_size = os.fstat(f.fileno()).st_size
         self.data = f.read(HEAD_READ)
-        end = self.data.find(b"\n\n")
-        if end >= 0 and self.data.startswith(queuefile.MAGIC):
-            self.env, self.offset = queuefile.parse_envelope(self.data[:end + 1]), end + 2
-        else:  # envelope beyond the first read, or malformed: the careful reader says why
-            f.seek(0)
-            self.env, self.offset = queuefile.read_envelope(f)
-        self._check_size()
+        self.env, self.offset = queuefile.envelope_of(self.data, f)
+        queuefile.check_size(f, self.env, self.offset)
         if headers:
             self.read_headers(cap)
 
-    def _check_size(self) -> None:
-        if not self.env.size.isdigit():
-            raise QueueFileError("no valid Size line")
-        actual = self.file_size - self.offset
-        if actual != int(self.env.size):
-            raise QueueFileError(f"message is {actual} bytes, Size says {self.env.size}")
-
     def read_headers(self, cap: int) -> None:
-        """Set ``headers`` and ``body_offset`` (raises HeaderTooBig)."""
-        self.headers, self.body_offset = self._read_headers(cap)
-
-    def _read_headers(self, cap: int) -> tuple[HeaderBlock, int]:
-        """From the bytes already read when the section ends in them (its
-        ending line is whole there), else from the file."""
-        whole = len(self.data) == self.file_size
-        if self.offset < len(self.data):
-            mem = io.BytesIO(self.data)
-            headers, pos = read_headers(mem, self.offset, cap)
-            if whole or self.data.find(b"\n", pos) >= 0:
-                return headers, pos
-        return read_headers(self.f, self.offset, cap)
+        """Set ``headers`` and ``body_offset`` (raises HeaderTooLarge):
+        from the bytes already read when the section ends in them, else
+        from the file."""
+        found = pipeline.header_section(self.data, self.offset, cap,
+                                        whole=len(self.data) == self.file_size)
+        if found is None:
+            found = pipeline.read_header_section(self.f, self.offset, cap)
+        self.headers, self.body_offset = found
 
     def body(self) -> Iterator[bytes]:
         """The body (from its separator line), in chunks."""
@@ -157,37 +116,6 @@ class Head:
 
     def body_size(self) -> int:
         return self.file_size - self.body_offset
-
-
-def apply_in_memory(env: Envelope, message: bytes | bytearray, stages: list[list[Policy]],
-                    cap: int) -> tuple[Envelope, bytes, int] | None:
-    """The policies of ``stages`` applied to a message held in memory, as
-    the watcher would apply them to its file (the edge calls this before
-    it writes the message, as Postfix's cleanup does before incoming/;
-    pure, ``env`` is not changed). Returns the new envelope, which records
-    every policy of ``stages`` in ``Policies:`` (those that changed nothing
-    too: the file is written anyway, and the watcher then only renames
-    it), the new header section, and the offset in ``message`` where the
-    body (its separator line included) starts. None when the message
-    splits (the watcher makes the parts from the file) or its header
-    section is larger than ``cap`` (the watcher sends it to ``corrupt/``).
-    """
-    try:
-        headers, body_offset = read_headers(io.BytesIO(message), 0, cap)
-    except HeaderTooBig:
-        return None
-    # Policies assign envelope fields, they do not edit them in place: a
-    # shallow copy keeps ``env`` as it was.
-    results, _ = policies.run_stages(copy.copy(env), headers, stages)
-    if len(results) != 1:
-        return None
-    new_env, new_headers = results[0]
-    for pols in stages:
-        for p in pols:
-            policies.mark_applied(new_env, p.name)
-    header_bytes = new_headers.to_bytes()
-    new_env.size = str(len(header_bytes) + len(message) - body_offset)
-    return new_env, header_bytes, body_offset
 
 
 def write_message(writer: spoollib.Writer, env: Envelope, headers: bytes, head: Head,
@@ -278,7 +206,7 @@ class Watcher:
                         self._commit_one(claim, None, head, changed=False)
                         return ACTIVE
                     head.read_headers(self.max_header)
-                except (QueueFileError, HeaderTooBig) as exc:
+                except (QueueFileError, HeaderTooLarge) as exc:
                     claim.quarantine(str(exc))
                     return "corrupt"
                 results, changed = policies.run_stages(head.env, head.headers, stages)

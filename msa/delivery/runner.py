@@ -36,7 +36,6 @@ Invariants and crash rules:
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 import random
@@ -50,8 +49,7 @@ from spool import (DueIndex, GroupSync, Spool, StageWatcher, fsync_dir, id_time,
 from msa.delivery import outcome
 from msa.config import ACTIVE, Config
 from msa.message.dsn import DsnRequest, RecipientReport, build_dsn, dsn_envelope
-from msa.message.queuefile import (MAGIC, MAX_ENVELOPE, Envelope, QueueFileError, check_size,
-                                   parse_envelope, parse_iso, read_envelope)
+from msa.message.queuefile import Envelope, QueueFileError, check_size, envelope_of, parse_iso
 from msa.delivery.relay import BytesMessage, FileMessage, RcptResult, relay_from_config
 
 log = logging.getLogger("msa.runner")
@@ -527,25 +525,13 @@ class _QueueFile:
         """(envelope, offset of the message, the message to send)."""
         data = os.read(self.fd, READ_WHOLE)
         if len(data) < READ_WHOLE:  # the whole file
-            env, offset = _envelope_of(data)
+            env, offset = envelope_of(data)
             check_size(self, env, offset)
             return env, offset, BytesMessage(data[offset:])
         with os.fdopen(self.fd, "rb", closefd=False) as f:
-            f.seek(0)
-            env, offset = read_envelope(f)
+            env, offset = envelope_of(data, f)
         check_size(self, env, offset)
         return env, offset, FileMessage(self, offset, int(env.size))
-
-
-def _envelope_of(data: bytes) -> tuple[Envelope, int]:
-    """:func:`queuefile.read_envelope` of a whole file's bytes: the
-    envelope ends at the first empty line; anything unusual (no magic
-    line, no end, too large) goes through ``read_envelope`` itself for
-    its exact error."""
-    end = data.find(b"\n\n", len(MAGIC) - 1)
-    if end < 0 or end + 1 > MAX_ENVELOPE or not data.startswith(MAGIC):
-        return read_envelope(io.BytesIO(data))
-    return parse_envelope(data[:end + 1]), end + 2
 
 
 def _valid_name(name: str) -> bool:

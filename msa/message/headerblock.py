@@ -21,23 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from msa.message.headers import field_name, is_field_start
+from msa.message.headers import HeaderScanner, HeaderTooLarge, field_name, split_fields
 
 CRLF = b"\r\n"
-MAX_HEADER_BYTES = 1024 * 1024
-
-# What a line of the message is to the header scanner.
-FIELD, CONTINUATION, END_EMPTY, END_BODY = "field", "continuation", "end-empty", "end-body"
-
-
-def line_kind(line: bytes, have_fields: bool) -> str:
-    """Classify one line (with its line ending) at the top of a message."""
-    if line in (b"\r\n", b"\n", b"\r"):
-        return END_EMPTY
-    if line[:1] in (b" ", b"\t"):
-        return CONTINUATION if have_fields else END_BODY
-    return FIELD if is_field_start(line) else END_BODY
-
 
 def field_value(raw: bytes) -> str:
     """The unfolded value of a raw field (RFC 5322 §2.2.3), decoded
@@ -75,13 +61,7 @@ class HeaderBlock:
     @classmethod
     def parse(cls, block: bytes, missing_separator: bool = False) -> "HeaderBlock":
         """Split header bytes (no empty line) into raw fields."""
-        fields: list[bytes] = []
-        for line in block.splitlines(keepends=True):
-            if fields and line[:1] in (b" ", b"\t"):
-                fields[-1] += line
-            else:
-                fields.append(line)
-        return cls(fields, missing_separator)
+        return cls(split_fields(block), missing_separator)
 
     def copy(self) -> "HeaderBlock":
         return HeaderBlock(list(self.fields), self.missing_separator)
@@ -124,3 +104,38 @@ class HeaderBlock:
         if self.missing_separator and self.fields:
             out += CRLF
         return bytes(out)
+
+
+class HeaderCollector:
+    """Keeps the header section of a message that streams past (the SMTP
+    edge's DATA), at most ``limit`` bytes of it, so that its From can be
+    checked once the message is in; found by :class:`HeaderScanner`."""
+
+    def __init__(self, limit: int = 256 * 1024):
+        self._scanner = HeaderScanner(limit)
+        self._buf = bytearray()
+        self.complete = False
+        self.overflow = False
+
+    def feed(self, data: bytes) -> None:
+        if self.complete or self.overflow:
+            return
+        try:
+            end = self._scanner.feed(data)
+        except HeaderTooLarge:
+            self.overflow, self._buf = True, bytearray()
+            return
+        self._buf += data
+        if end is not None:
+            del self._buf[end:]
+            self.complete = True
+
+    def finish(self) -> None:
+        """The message ended: a message of only headers is complete too."""
+        if not self.overflow and not self.complete:
+            del self._buf[self._scanner.finish():]
+            self.complete = True
+
+    @property
+    def headers(self) -> bytes:
+        return bytes(self._buf)

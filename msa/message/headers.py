@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+import email.parser
+import email.policy
 from email.utils import getaddresses
 from typing import Iterator
 
@@ -48,6 +50,19 @@ class HeaderTooLarge(ValueError):
 def is_field_start(line: bytes) -> bool:
     name, colon, _ = line.partition(b":")
     return bool(colon and name) and all(33 <= c <= 126 for c in name)
+
+
+# What a line of the message is to the header scanner.
+FIELD, CONTINUATION, END_EMPTY, END_BODY = "field", "continuation", "end-empty", "end-body"
+
+
+def line_kind(line: bytes, have_fields: bool) -> str:
+    """Classify one line (with its line ending) at the top of a message."""
+    if line in (b"\r\n", b"\n", b"\r"):
+        return END_EMPTY
+    if line[:1] in (b" ", b"\t"):
+        return CONTINUATION if have_fields else END_BODY
+    return FIELD if is_field_start(line) else END_BODY
 
 
 def field_name(raw: bytes) -> str:
@@ -80,35 +95,93 @@ class HeaderSection:
         return out
 
 
+class HeaderScanner:
+    """The one reader of a message's header section (pure): fed the
+    message's bytes in chunks of any size, it says where the section ends,
+    by :func:`line_kind`'s rule, and never holds more than ``limit``
+    bytes of it.
+
+    :meth:`feed` returns None while the section goes on, then the offset
+    (in all bytes fed) where the body starts, its separator line included;
+    :attr:`kind` is then ``END_EMPTY`` (an empty line) or ``END_BODY`` (a
+    line that is no field: the separator was missing). :meth:`finish` says
+    the message ended: a message of header fields only ends at its end
+    (``kind`` None). A section longer than ``limit`` raises
+    :class:`HeaderTooLarge`. The bytes are the caller's: the scanner keeps
+    only the line it is in.
+    """
+
+    __slots__ = ("limit", "pos", "partial", "end", "kind")
+
+    def __init__(self, limit: int = MAX_HEADER_BYTES):
+        self.limit = limit
+        self.pos = 0                 # bytes of whole header lines so far
+        self.partial = b""           # the line being read
+        self.end: int | None = None
+        self.kind: str | None = None
+
+    def feed(self, data: bytes) -> int | None:
+        if self.end is not None:
+            return self.end
+        buf = self.partial + data if self.partial else bytes(data)
+        start = 0
+        while (nl := buf.find(b"\n", start)) >= 0:
+            kind = line_kind(buf[start:nl + 1], self.pos > 0)
+            if kind in (END_EMPTY, END_BODY):
+                self.end, self.kind, self.partial = self.pos, kind, b""
+                return self.end
+            self.pos += nl + 1 - start
+            start = nl + 1
+            if self.pos > self.limit:
+                break
+        self.partial = buf[start:]
+        if self.pos + len(self.partial) > self.limit:
+            raise HeaderTooLarge(f"header section larger than {self.limit} bytes")
+        return None
+
+    def finish(self) -> int:
+        """The message ended; returns where its header section ends."""
+        if self.end is None:
+            tail = self.partial
+            if tail and line_kind(tail, self.pos > 0) in (END_EMPTY, END_BODY):
+                self.end, self.kind = self.pos, (END_EMPTY if tail == b"\r" else END_BODY)
+            else:
+                self.end = self.pos + len(tail)
+            self.partial = b""
+        return self.end
+
+
+def split_fields(block: bytes) -> list[bytes]:
+    """A header section's bytes (no empty line) as raw fields, each with
+    its continuation lines (RFC 5322 §2.2.3)."""
+    fields: list[bytes] = []
+    for line in block.splitlines(keepends=True):
+        if fields and line[:1] in (b" ", b"\t"):
+            fields[-1] += line
+        else:
+            fields.append(line)
+    return fields
+
+
 def read_header_section(pieces: Iterator[bytes],
                         limit: int = MAX_HEADER_BYTES) -> HeaderSection:
     """Consume the header section from CRLF-normalised pieces (a piece
-    ending in CRLF ends a line; see :mod:`msa.submission.sendmail_input`). The
-    iterator is left at the first body piece."""
-    section = HeaderSection()
-    line = b""
-    total = 0
+    ending in CRLF ends a line; see :mod:`msa.submission.sendmail_input`),
+    found by :class:`HeaderScanner`. The iterator is left at the first
+    body piece; the line that ended the section, if not the empty line,
+    is ``first_body``."""
+    scanner = HeaderScanner(limit)
+    buf = bytearray()
     for piece in pieces:
-        total += len(piece)
-        if total > limit:
-            raise HeaderTooLarge(f"header section is larger than {limit} bytes")
-        line += piece
-        if not line.endswith(b"\r\n"):
-            continue
-        if line == b"\r\n":
-            section.separator = True
-            return section
-        if line[:1] in (b" ", b"\t") and section.fields:
-            section.fields[-1] += line
-        elif is_field_start(line):
-            section.fields.append(line)
-        else:
-            section.separator, section.first_body = True, line
-            return section
-        line = b""
-    if line:  # unreachable with normalised input: the last piece ends a line
-        section.separator, section.first_body = True, line
-    return section
+        buf += piece
+        end = scanner.feed(piece)
+        if end is not None:
+            rest = bytes(buf[end:])
+            return HeaderSection(split_fields(bytes(buf[:end])), separator=True,
+                                 first_body=b"" if scanner.kind == END_EMPTY else rest)
+    end = scanner.finish()
+    return HeaderSection(split_fields(bytes(buf[:end])), separator=scanner.kind is not None,
+                         first_body=bytes(buf[end:]) if scanner.kind == END_BODY else b"")
 
 
 MAX_DISPLAY_NAME = 256  # characters of a -F or GECOS full name
@@ -227,3 +300,23 @@ def normalize_address(text: str, domain: str, allow_null: bool = False) -> str:
     if len(result) > MAX_ADDRESS:
         raise AddressError(f"address too long: {text[:60]!r}...")
     return result
+
+
+def header_addresses(headers: bytes, name: str = "From") -> list[str] | None:
+    """The addr-specs in every ``name`` field of a header section, or None
+    when a field is there but yields no usable address (unparseable, a
+    group without members, no domain). 8-bit text is read as UTF-8
+    (RFC 6532); invalid UTF-8 survives as surrogates and so matches no
+    configured address."""
+    text = headers.decode("utf-8", "surrogateescape")
+    msg = email.parser.HeaderParser(policy=email.policy.SMTPUTF8).parsestr(text)
+    out: list[str] = []
+    for value in msg.get_all(name, []):
+        try:
+            addrs = list(value.addresses)
+        except (AttributeError, ValueError, IndexError):
+            return None
+        if not addrs or any(not a.domain or not a.username for a in addrs):
+            return None
+        out.extend(a.addr_spec for a in addrs)
+    return out

@@ -45,6 +45,7 @@ Rules (every writer and reader here keeps them):
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -263,6 +264,30 @@ def parse_envelope(data: bytes) -> Envelope:
 def read_envelope(f: BinaryIO) -> tuple[Envelope, int]:
     """Read the envelope from an open queue file; returns it and the offset
     where the message starts. Reads at most :data:`MAX_ENVELOPE` bytes."""
+    block, offset = read_envelope_block(f)
+    return parse_envelope(block), offset
+
+
+def envelope_of(data: bytes | bytearray, f: BinaryIO | None = None) -> tuple[Envelope, int]:
+    """The envelope of a queue file whose first bytes (or all of them) are
+    ``data``, and the offset of the message: parsed from ``data`` when it
+    ends there, else read from ``f`` (rewound) or from ``data`` by
+    :func:`read_envelope`, whose rules and errors it has. (Readers that
+    read a file's start in one go use this, rather than reading twice.)"""
+    end = data.find(b"\n\n", len(MAGIC) - 1)
+    if 0 <= end < MAX_ENVELOPE and data.startswith(MAGIC):
+        return parse_envelope(bytes(data[:end + 1])), end + 2
+    if f is None:
+        f = io.BytesIO(data)
+    f.seek(0)
+    return read_envelope(f)
+
+
+def read_envelope_block(f: BinaryIO) -> tuple[bytes, int]:
+    """The envelope's raw lines (the closing empty line left out) and the
+    offset of the message, from the start of ``f``: the magic line first,
+    every line ended by ``\\n``, at most :data:`MAX_ENVELOPE` bytes read.
+    QueueFileError otherwise."""
     head = f.read(len(MAGIC))
     if head != MAGIC:
         raise QueueFileError("not a queue file (no MSA-Queue-File line)")
@@ -276,7 +301,7 @@ def read_envelope(f: BinaryIO) -> tuple[Envelope, int]:
             break
         if not line.endswith(b"\n") or len(buf) > MAX_ENVELOPE:
             raise QueueFileError("envelope too large or truncated")
-    return parse_envelope(bytes(buf[:-1])), len(buf)
+    return bytes(buf[:-1]), len(buf)
 
 
 def check_size(f: BinaryIO, env: Envelope, offset: int) -> None:

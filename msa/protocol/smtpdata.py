@@ -29,14 +29,12 @@ Invariants (each is tested byte by byte and across every chunk split):
 - Memory does not grow with the message: the reader keeps a few integers
   of state; each emitted :class:`Data` holds at most the chunk it came from.
 
-:class:`HeaderCollector` (also pure) keeps the header section of the
-message up to a bound, so the From header can be checked after DATA.
+The header section is found by :class:`msa.message.headerblock.HeaderCollector`,
+fed the same Data events.
 """
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import re
 from dataclasses import dataclass
 
@@ -248,60 +246,3 @@ def _clean_lines(data: bytes, i: int, max_line: int) -> int:
             or max(map(len, region.split(b"\r\n"))) > max_line):
         return i
     return last + 2
-
-
-class HeaderCollector:
-    """Keeps the start of a message until its header section ends (the
-    first empty line, RFC 5322 §2.1), at most ``limit`` bytes."""
-
-    def __init__(self, limit: int = 256 * 1024):
-        self.limit = limit
-        self._buf = bytearray()
-        self.complete = False
-        self.overflow = False
-
-    def feed(self, data: bytes) -> None:
-        if self.complete or self.overflow:
-            return
-        start = max(0, len(self._buf) - 3)
-        self._buf += data
-        if self._buf.startswith(b"\r\n"):
-            end = 0
-        else:
-            end = self._buf.find(b"\r\n\r\n", start)
-            end = -1 if end < 0 else end + 2
-        if end >= 0:
-            del self._buf[end:]
-            self.complete = True
-        elif len(self._buf) > self.limit:
-            self.overflow = True
-            self._buf = bytearray()
-
-    def finish(self) -> None:
-        """The message ended: a message of only headers is complete too."""
-        if not self.overflow:
-            self.complete = True
-
-    @property
-    def headers(self) -> bytes:
-        return bytes(self._buf)
-
-
-def header_addresses(headers: bytes, name: str = "From") -> list[str] | None:
-    """The addr-specs in every ``name`` field of a header section, or None
-    when a field is there but yields no usable address (unparseable, a
-    group without members, no domain). 8-bit text is read as UTF-8
-    (RFC 6532); invalid UTF-8 survives as surrogates and so matches no
-    configured address."""
-    text = headers.decode("utf-8", "surrogateescape")
-    msg = email.parser.HeaderParser(policy=email.policy.SMTPUTF8).parsestr(text)
-    out: list[str] = []
-    for value in msg.get_all(name, []):
-        try:
-            addrs = list(value.addresses)
-        except (AttributeError, ValueError, IndexError):
-            return None
-        if not addrs or any(not a.domain or not a.username for a in addrs):
-            return None
-        out.extend(a.addr_spec for a in addrs)
-    return out

@@ -60,6 +60,8 @@ from spool import SpoolError, new_id
 
 from msa.message import queuefile
 from msa.protocol import smtpcmd, smtpdata
+from msa.message.headerblock import HeaderCollector
+from msa.message.headers import header_addresses
 from msa.submission import tls as tlsconf
 from msa.submission.writer import (BodySink, discard_writer, open_writer, spool_reply, store_pool,
                         write_message)
@@ -804,7 +806,7 @@ class SmtpSession(SMTP):
         """Read the message, check it, queue it; the reply line to send."""
         # The header section is kept only for the From check of an
         # authenticated user (AUTH is refused inside a transaction).
-        headers = (smtpdata.HeaderCollector(self.settings.max_header_size)
+        headers = (HeaderCollector(self.settings.max_header_size)
                    if self.session.auth_result else None)
         end = await self._read_data(sink, headers)
         if end.error is not None:
@@ -846,7 +848,7 @@ class SmtpSession(SMTP):
         return reply.line(qid)
 
     async def _read_data(self, sink: BodySink,
-                         headers: smtpdata.HeaderCollector | None) -> smtpdata.EndOfData:
+                         headers: HeaderCollector | None) -> smtpdata.EndOfData:
         reader = smtpdata.DataReader(self.settings.max_message_size)
         self._in_data = True
         try:
@@ -882,7 +884,7 @@ class SmtpSession(SMTP):
             return None
         if headers.overflow:
             return "552 5.3.4 Message header section too large"
-        addresses = smtpdata.header_addresses(headers.headers, "From")
+        addresses = header_addresses(headers.headers, "From")
         if addresses is None:
             return "553 5.7.1 From header cannot be parsed"
         for address in addresses:

@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterator
 from spool import SpoolFull, ThreadGroupSync, fsync_dir
 
 from msa.message import queuefile
-from msa.cleanup.watcher import apply_in_memory
+from msa.cleanup.pipeline import apply_in_memory
 
 # Threads writing queue files at once: fsyncs in flight together let the
 # filesystem journal commit them together.
@@ -333,7 +333,7 @@ def write_message(spool, stage: str, env: queuefile.Envelope, sink: BodySink,
     this returns (:class:`DirSyncer`) before anyone is told.
 
     With ``stages`` (policy lists), a message held in memory gets their
-    policies first (:func:`msa.cleanup.watcher.apply_in_memory`) unless it splits,
+    policies first (:func:`msa.cleanup.pipeline.apply_in_memory`) unless it splits,
     so the watcher only has to rename it. ``writer``: the file, already
     opened by :func:`open_writer` for ``env.queue_id``."""
     with writer or spool.writer(stage, env.queue_id) as w:

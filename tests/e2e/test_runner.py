@@ -362,43 +362,6 @@ def test_small_and_large_files_are_relayed_intact(tmp_path, sink, monkeypatch):
     assert got == {"bob@x.test": MSG, "carol@x.test": big}
 
 
-ENVELOPE_CASES = [
-    b"MSA-Queue-File: 1\nSender: <a@b>\nSize: 3\nRecipient: pending <c@d>\n\nabc",
-    b"MSA-Queue-File: 1\nSender: <a@b>\nSize: 4\n\n\n\nab",       # empty lines in the message
-    b"MSA-Queue-File: 1\n\nabc",                                     # no Sender: error
-    b"MSA-Queue-File: 1\nSender: <a@b>\nSize: 3\n",                  # no end
-    b"MSA-Queue-File: 1\nSender: <a@b>\nSize: 3",                    # truncated line
-    b"MSA-Queue-File: 2\nSender: <a@b>\n\nabc",                      # other magic
-    b"From: x\n\nabc",
-    b"",
-    b"MSA-Queue-File: 1\nSender: <a@b>\nBogus line\n\nabc",
-    b"MSA-Queue-File: 1\nSender: <a@b>\nSize: 3\r\n\nabc",
-    b"MSA-Queue-File: 1\nSender: <a@b>\nX-" + b"y" * 60 + b": z\n\nabc",  # long: see limit below
-]
-
-
-@pytest.mark.parametrize("limit", [4 * 1024 * 1024, 40, 47, 48, 49, 90])
-@pytest.mark.parametrize("data", ENVELOPE_CASES)
-def test_envelope_of_bytes_is_read_envelope(data, limit, monkeypatch):
-    """The runner's reader of a whole file's bytes gives what
-    queuefile.read_envelope gives (envelope, offset), or the same error,
-    also around the envelope size limit."""
-    import io
-    from msa.delivery import runner
-    from msa.message import queuefile
-    monkeypatch.setattr(queuefile, "MAX_ENVELOPE", limit)
-    monkeypatch.setattr(runner, "MAX_ENVELOPE", limit)
-
-    def outcome(fn):
-        try:
-            env, offset = fn()
-        except queuefile.QueueFileError as exc:
-            return "error", str(exc)
-        return repr(env), offset
-    expected = outcome(lambda: queuefile.read_envelope(io.BytesIO(data)))
-    assert outcome(lambda: runner._envelope_of(data)) == expected
-
-
 def test_info_records_are_those_of_makerecord(caplog):
     """The copied log records of the per-message lines carry the fields a
     record made by the logger has (a formatter may use any of them)."""

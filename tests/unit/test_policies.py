@@ -6,8 +6,8 @@ import pytest
 
 from msa import config
 from msa.cleanup import policies
-from msa.message.headerblock import (END_BODY, END_EMPTY, FIELD, CONTINUATION, HeaderBlock, fold,
-                             line_kind)
+from msa.message.headerblock import HeaderBlock, fold
+from msa.message.headers import CONTINUATION, END_BODY, END_EMPTY, FIELD, line_kind
 from msa.cleanup.policies import (AddDateHeader, AddMessageIdHeader, AddReceivedHeader, Forward,
                           RecipientDomainSplit, RemoveBccHeader)
 from msa.message.queuefile import Envelope, utc_iso

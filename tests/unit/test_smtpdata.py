@@ -7,9 +7,8 @@ import random
 
 import pytest
 
-from msa.protocol.smtpdata import (BareLineEnding, Data, DataReader, EndOfData,
-                          HeaderCollector, LineTooLong, MessageTooBig,
-                          NulInData, header_addresses)
+from msa.protocol.smtpdata import (BareLineEnding, Data, DataReader, EndOfData, LineTooLong,
+                                   MessageTooBig, NulInData)
 
 SMUGGLE_VARIANTS = [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r",
                     b"\r.\r", b"\r.\n", b"\n.\r", b"\r\n\x00.\r\n", b"\r\n.\x00\r\n"]
@@ -184,22 +183,3 @@ def test_random_against_oracle():
         cuts = sorted(rnd.sample(range(len(data) + 1), min(3, len(data) + 1)))
         chunks = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
         assert summary(chunks, max_size=12, max_line=5) == want, (data, chunks)
-
-
-def test_header_collector_and_from_addresses():
-    hc = HeaderCollector(limit=100)
-    for b in b"From: A <a@example.org>\r\nTo: b@x\r\n\r\nbody\r\n":
-        hc.feed(bytes([b]))
-    assert hc.complete and hc.headers == b"From: A <a@example.org>\r\nTo: b@x\r\n"
-    assert header_addresses(hc.headers) == ["a@example.org"]
-    big = HeaderCollector(limit=10)
-    big.feed(b"Subject: " + b"x" * 20 + b"\r\n")
-    assert big.overflow and not big.complete
-    only = HeaderCollector()
-    only.feed(b"From: a@b.c\r\n")
-    only.finish()
-    assert only.complete and header_addresses(only.headers) == ["a@b.c"]
-    assert header_addresses(b"From: x, \"b@evil\" <c@y.z>\r\n") is None
-    assert header_addresses(b"From: \"a@b.c\" <m@evil.test>\r\n") == ["m@evil.test"]
-    assert header_addresses(b"Subject: none\r\n") == []
-    assert header_addresses("From: Jos\u00e9 <j\u00f6@ex.org>\r\n".encode()) == ["j\u00f6@ex.org"]
