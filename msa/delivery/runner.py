@@ -39,7 +39,6 @@ import asyncio
 import logging
 import os
 import random
-import threading
 import time
 from typing import Callable
 
@@ -47,6 +46,7 @@ from spool import (DueIndex, GroupSync, Spool, StageWatcher, fsync_dir, id_time,
                    valid_name)
 
 from msa.delivery import outcome
+from msa.fastlog import InfoWriter
 from msa.config import ACTIVE, Config
 from msa.message.dsn import DsnRequest, RecipientReport, build_dsn, dsn_envelope
 from msa.message.queuefile import Envelope, QueueFileError, check_size, envelope_of, parse_iso
@@ -542,46 +542,7 @@ def _valid_name(name: str) -> bool:
     return valid_name(name)
 
 
-_template: dict | None = None   # the fields of an INFO record of this logger
-_template_thread: threading.Thread | None = None   # ... made in this thread
-
-
-def _info(text: str) -> None:
-    """One INFO line, formatted already: the per-message lines skip
-    ``Logger._log``'s caller lookup (a stack walk) and %-formatting of
-    arguments; the caller checks ``log.isEnabledFor(logging.INFO)``.
-
-    The record is a copy of one made once by ``makeRecord`` (the same
-    fields: level, file, thread, process names) with the message and the
-    times set, instead of ``LogRecord.__init__``'s work per line; a custom
-    record factory, or another thread, gets ``makeRecord``."""
-    global _template, _template_thread
-    template = _template
-    if (template is None or threading.current_thread() is not _template_thread
-            or logging.getLogRecordFactory() is not logging.LogRecord):
-        record = log.makeRecord(log.name, logging.INFO, __file__, 0, text, None, None)
-        # Python 3.12's taskName differs from one task to the next: no copies.
-        if (logging.getLogRecordFactory() is logging.LogRecord
-                and "taskName" not in record.__dict__):
-            _template, _template_thread = dict(record.__dict__), threading.current_thread()
-        log.handle(record)
-        return
-    record = _new_record(logging.LogRecord)
-    fields = record.__dict__
-    fields.update(template)
-    fields["msg"] = text
-    fields["created"] = now = time.time()
-    fields["msecs"] = int((now - int(now)) * 1000) + 0.0
-    fields["relativeCreated"] = (now - _log_start) * 1000
-    log.handle(record)
-
-
-_new_record = object.__new__
-# When logging started, as LogRecord.relativeCreated counts from it (read
-# off a record: the logging module keeps it in a private name).
-_probe = logging.makeLogRecord({})
-_log_start = _probe.created - _probe.relativeCreated / 1000
-del _probe
+_info = InfoWriter(log, __file__)
 
 
 def _log_result(qid: str, res: RcptResult, delay: float) -> None:

@@ -29,7 +29,7 @@ cached per class and the base class's no-op hooks are not called. The log
 has one line per message (``queued``); connect and disconnect lines are
 DEBUG unless the session queued nothing or had errors.
 
-Durability (DESIGN invariant 1): ``250`` is sent only after the queue file
+Durability (docs/ARCHITECTURE.md, "The spool"): ``250`` is sent only after the queue file
 was written in ``tmp/``, fsynced and renamed into ``incoming/`` in a
 store thread (:func:`msa.submission.writer.write_message`), and a directory fsync
 that began after the rename has completed (the stage's
@@ -60,6 +60,7 @@ from spool import SpoolError, new_id
 
 from msa.message import queuefile
 from msa.protocol import smtpcmd, smtpdata
+from msa.fastlog import InfoWriter
 from msa.message.headerblock import HeaderCollector
 from msa.message.headers import header_addresses
 from msa.submission import tls as tlsconf
@@ -202,11 +203,7 @@ def _enhanced(line: str) -> str:
     return enhance(line)
 
 
-def _info(text: str) -> None:
-    """One INFO line, formatted already (the per-message line): no caller
-    lookup (a stack walk) and no %-formatting in ``Logger._log``. The
-    caller checks ``log.isEnabledFor(logging.INFO)``."""
-    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, text, None, None))
+_info = InfoWriter(log, __file__)  # the per-message line
 
 
 class SmtpSession(SMTP):
