@@ -6,14 +6,11 @@ Invariants:
 - A body is held in memory up to ``memory_limit`` bytes; beyond that it
   goes to an unnamed file (O_TMPFILE) in the spool's ``tmp/``, on the same
   filesystem, which the kernel removes if the process dies.
-- :func:`store_message` writes envelope + body to ``tmp/<id>.<pid>``,
-  fsyncs it, renames it into the stage and returns only after a fsync of
-  the stage directory that began after the rename has completed (one
-  :class:`spool.group.ThreadGroupSync` per directory and process: the
-  threads storing at the same time share one directory fsync). Only then
-  may the caller say 250.
-- The edge itself runs :func:`write_message` (the same, up to the rename)
-  in a thread of :func:`store_pool` (the edge's own, so a slow disk does
+- :func:`write_message` writes envelope + body to ``tmp/<id>.<pid>``,
+  fsyncs it and renames it into the stage; only after a fsync of the
+  stage directory that began after the rename has completed may the
+  caller say 250. The edge runs it in a thread of :func:`store_pool` (the
+  edge's own, so a slow disk does
   not hold up other users of the loop's default executor, nor they the
   edge), which then hands the session's future to the stage's
   :class:`DirSyncer`: one thread that fsyncs the directory for every
@@ -43,7 +40,7 @@ import tempfile
 import threading
 from typing import Any, Callable, Iterator
 
-from spool import SpoolFull, ThreadGroupSync, fsync_dir
+from spool import SpoolFull, fsync_dir
 
 from msa.message import queuefile
 from msa.cleanup.pipeline import apply_in_memory
@@ -52,7 +49,6 @@ from msa.cleanup.pipeline import apply_in_memory
 # filesystem journal commit them together.
 STORE_WORKERS = 32
 _lock = threading.Lock()
-_dir_syncs: dict[str, ThreadGroupSync] = {}
 _dir_syncers: dict[str, "DirSyncer"] = {}
 
 
@@ -198,16 +194,6 @@ class BodySink:
                 file.close()
 
 
-def dir_sync_for(spool, stage: str) -> ThreadGroupSync:
-    """The group commit of ``stage``'s directory fsyncs in this process."""
-    path = str(spool.root / stage)
-    with _lock:
-        sync = _dir_syncs.get(path)
-        if sync is None:
-            sync = _dir_syncs[path] = ThreadGroupSync(path)
-        return sync
-
-
 class DirSyncer:
     """Group commit of one directory's fsyncs for futures of event loops.
     :meth:`add` (called after the rename) queues a future; one daemon
@@ -293,17 +279,6 @@ def dir_syncer_for(spool, stage: str) -> DirSyncer:
         if sync is None:
             sync = _dir_syncers[path] = DirSyncer(path)
         return sync
-
-
-def store_message(spool, stage: str, env: queuefile.Envelope, sink: BodySink,
-                  dir_sync: ThreadGroupSync | None = None,
-                  stages: list | None = None, max_header: int = 0) -> str:
-    """Write envelope + message into ``tmp/``, fsync, rename into the
-    stage, then wait for a shared directory fsync that began after the
-    rename. Runs in a thread; when it returns the message is durable."""
-    qid = write_message(spool, stage, env, sink, stages, max_header)
-    (dir_sync or dir_sync_for(spool, stage)).sync()
-    return qid
 
 
 def open_writer(spool, stage: str, qid: str):
