@@ -1,7 +1,8 @@
 """The tutorial's names in one place, and a way to run them.
 
-Everything ``seed/msa-tutorial.txt`` does, from Python (see
-``examples/tutorial.py``)::
+"The tutorial" throughout msa is python-slimta's mail submission agent
+tutorial, which msa grew from; ``examples/tutorial.py`` follows it step by
+step, and everything it does is possible from Python::
 
     from msa.api import (MxSmtpRelay, Queue, SpoolStorage, SmtpEdge, SmtpValidators,
                          Auth, CredentialsInvalidError, AddDateHeader, ...)

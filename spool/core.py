@@ -19,7 +19,7 @@ Invariants (qmail INTERNALS style; each is relied on by crash recovery):
    another stage, after its data was fsynced. :meth:`Writer.commit` returns
    only after the file, the rename and the directory entry are on disk.
 2. Nothing is modified by writing in place. A new version of a file is
-   written in ``tmp/`` and renamed over the old one (:meth:`Claim.rewrite`),
+   written in ``tmp/`` and renamed over the old one (:meth:`Claim.rewriter`),
    so at every instant exactly one whole version exists.
 3. Work on an id is done under its claim: an exclusive ``flock(2)`` on
    the file itself, as Postfix locks its queue files, checked to be still

@@ -18,7 +18,7 @@ Two output forms:
   ``attempts``, ``history`` and ``next_attempt`` (the file mtime of a
   deferred message; null elsewhere).
 
-Invariants (DESIGN "memory stays bounded"):
+Invariants (docs/ARCHITECTURE.md, "Memory"):
 
 - Entries are streamed: one stage's *names* are held and sorted at a time
   (100,000 names of 22 characters are about 8 MB of Python strings), and

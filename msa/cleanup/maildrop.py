@@ -2,7 +2,7 @@
 
 Any local user may put a file in ``maildrop/`` (mode 3733), by ``sendmail``
 or by hand. Before such a file becomes a trusted queue file in
-``incoming/`` (DESIGN, spool invariant 5):
+``incoming/`` (docs/ARCHITECTURE.md, "maildrop/ is untrusted"):
 
 - it is opened with ``O_NOFOLLOW`` (a symlink is refused, never followed)
   and ``O_NONBLOCK`` (a FIFO cannot hang the watcher); it must be a
