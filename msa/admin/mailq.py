@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime
 import stat as stat_mod
 import time
 from dataclasses import dataclass
@@ -70,8 +69,8 @@ class Entry:
     @property
     def arrival(self) -> float:
         if self.env is not None and self.env.arrival:
-            try:  # fromisoformat reads queuefile.utc_iso's form, 20x faster than strptime
-                return datetime.fromisoformat(self.env.arrival).timestamp()
+            try:
+                return queuefile.parse_iso(self.env.arrival)
             except ValueError:
                 pass
         try:
