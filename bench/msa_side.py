@@ -52,8 +52,8 @@ def config_keys() -> set[tuple[str, str]]:
 def missing_features() -> list[str]:
     """What the benchmark needs from msa that is not there at all."""
     missing = []
-    if not (ROOT / "msa" / "daemon.py").exists():
-        missing.append("msa/daemon.py (`msa daemon`, `msa deliver`)")
+    if not (ROOT / "msa" / "process" / "daemon.py").exists():
+        missing.append("msa/process/daemon.py (`msa daemon`, `msa deliver`)")
     keys = config_keys()
     for key in (TRUSTED_KEY, *SMARTHOST_KEYS):
         if key not in keys:
@@ -199,7 +199,7 @@ class MsaInstance:
 def write_backlog(active: Path, count: int, size: int = 2048,
                   sender: str = "s@x", rcpt: str = "r@y") -> None:
     """Write ``count`` ready-to-deliver queue files straight into
-    ``active/`` (msa/queuefile.py format). Not fsynced: this is a fixture
+    ``active/`` (msa/message/queuefile.py format). Not fsynced: this is a fixture
     for the runner's start-up, not an acceptance path."""
     from msa.message.queuefile import Envelope, utc_iso
     active.mkdir(parents=True, exist_ok=True)

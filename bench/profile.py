@@ -36,8 +36,8 @@ def is_idle(frame: str) -> bool:
 # process level; ``msa daemon`` runs ``python -m msa.cli edge|watch|deliver``
 # children); else to the first component one of whose files it passes
 # through; what none claims is the event loop, logging and the rest.
-COMPONENTS = (("edge", ("msa/edge",)), ("watcher", ("msa/watcher.py",)),
-              ("runner", ("msa/runner.py", "msa/relay.py")))
+COMPONENTS = (("edge", ("msa/submission/",)), ("watcher", ("msa/cleanup/",)),
+              ("runner", ("msa/delivery/",)))
 _PROCESS = re.compile(r'^process \d+:".*\bmsa(?:\.cli)? (edge|watch|deliver)\b')
 _BY_COMMAND = {"edge": "edge", "watch": "watcher", "deliver": "runner"}
 

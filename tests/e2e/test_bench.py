@@ -81,7 +81,7 @@ def test_verdicts_against_targets():
 
 
 def test_profile_summary_counts_self_and_inclusive_time():
-    text = ("main (/work/main/msa/x.py:1);handle (/work/main/msa/edge.py:9) 30\n"
+    text = ("main (/work/main/msa/x.py:1);handle (/work/main/msa/submission/edge.py:9) 30\n"
             "main (/work/main/msa/x.py:1);fsync (/work/main/spool/core.py:5) 70\n"
             "_bootstrap (/x/threading.py:1);_worker (/x/concurrent/futures/thread.py:81) 50\n")
     out = profile.summarise(text)
