@@ -288,9 +288,16 @@ def test_queue_write_error_is_451(clean):
 
 
 def test_timeouts(tmp_path, ca):
-    e = Edges(tmp_path, ca, "command_timeout = 0.5\ndata_timeout = 0.5\n")
+    """An idle client gets 421 4.4.2 at the command timeout, one that stops
+    in the middle of DATA at the data timeout, and nothing is queued. The
+    loop's clock is moved past each timeout (SkewedLoop): a slow machine
+    cannot make a client that is answering look idle."""
+    e = Edges(tmp_path, ca, "command_timeout = 100.0\ndata_timeout = 200.0\n",
+              loop_factory=support.SkewedLoop)
+    loop = e.thread.loop
     try:
         c = e.client()
+        loop.advance_threadsafe(100.5)
         assert c.closed(timeout=10)
         assert c.buf.startswith(b"421 4.4.2"), c.buf
         s = e.session(implicit=True)
@@ -298,7 +305,13 @@ def test_timeouts(tmp_path, ca):
         assert s.cmd("RCPT TO:<b@example.test>").startswith("250")
         assert s.cmd("DATA").startswith("354")
         s.send(b"From: alice@example.org\r\n\r\npartial")
-        assert s.closed(timeout=10)
+        closed = False
+        for _ in range(2):  # a second jump only if the edge read the body after the first
+            loop.advance_threadsafe(200.5)
+            if s.closed(timeout=5):
+                closed = True
+                break
+        assert closed
         assert s.buf.startswith(b"421 4.4.2"), s.buf
         # The queue file created while the body arrived is removed (the
         # session's end may follow the close by a moment).

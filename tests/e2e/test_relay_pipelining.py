@@ -249,10 +249,12 @@ def test_idle_timer_counts_from_the_last_use(any_sink):
     assert len(any_sink.wait_messages(5)) == 5
 
 
-def _silent_after(stop_at: bytes):
+def _silent_after(stop_at: bytes, jump: float = 0.0):
     """A server offering PIPELINING that answers everything up to the
     command starting with ``stop_at`` and then says nothing more (the
-    connection stays open)."""
+    connection stays open). With ``jump``, it moves its SkewedLoop's clock
+    that far on when it goes silent: the client's wait for that reply,
+    already armed, is over at once."""
     async def serve(reader, writer):
         writer.write(b"220 mute.test ESMTP\r\n")
         await reader.readline()
@@ -263,11 +265,15 @@ def _silent_after(stop_at: bytes):
         while line := await reader.readline():
             if in_data:
                 in_data = line != b".\r\n"
+                if not in_data and stop_at == b"." and not mute and jump:
+                    asyncio.get_running_loop().advance(jump)
                 mute = mute or (not in_data and stop_at == b".")
                 if not in_data and not mute:
                     writer.write(b"250 2.0.0 queued\r\n")
                 continue
             verb = line[:4].upper()
+            if verb == stop_at and not mute and jump:
+                asyncio.get_running_loop().advance(jump)
             mute = mute or verb == stop_at  # from here on, never a reply
             if not mute:
                 writer.write(answers.get(verb, b"250 2.0.0 ok\r\n"))
@@ -280,18 +286,21 @@ def _silent_after(stop_at: bytes):
 def test_reply_that_never_comes_times_out_and_defers(stop_at, during):
     """No reply to the pipelined MAIL (the command timeout), or none to
     the end of the data (the data timeout): the recipient is deferred
-    with "timed out", and the relay does not hang."""
-    from tests import support
+    with "timed out", and the relay does not hang. The server moves the
+    loop's clock past the timeout when it goes silent (SkewedLoop): every
+    reply it does give comes however slow the machine is."""
     port = support.free_port()
 
     async def go():
-        server = await asyncio.start_server(_silent_after(stop_at), "127.0.0.1", port)
+        server = await asyncio.start_server(_silent_after(stop_at, jump=6.0), "127.0.0.1", port)
         try:
-            relay = relay_to(Sink(port=port), command_timeout=0.5, data_timeout=0.5)
+            relay = relay_to(Sink(port=port), command_timeout=5.0, data_timeout=5.0)
+            # its deadline is 20 s on: past the 6 s the server moves the clock
             return await asyncio.wait_for(attempt_and_close(relay, envelope("a@x.test")), 20)
         finally:
             server.close()
-    (result,) = run_async(go())
+    with asyncio.Runner(loop_factory=support.SkewedLoop) as runner:
+        (result,) = runner.run(go())
     assert (result.state, result.status) == ("deferred", "4.4.2"), result.reply
     assert "timed out" in result.reply and during in result.reply
 
