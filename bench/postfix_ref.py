@@ -16,9 +16,9 @@ is the thin I/O part.
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
-import grp
 import shutil
 import subprocess
 import time

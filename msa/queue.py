@@ -22,11 +22,10 @@ import inspect
 import logging
 import threading
 
-from spool import Spool
-
 from msa import config
 from msa.cleanup.policies import Policy, check_stage
 from msa.store import MODES, UNTRUSTED_STAGES
+from spool import Spool
 
 log = logging.getLogger("msa.queue")
 

@@ -16,9 +16,8 @@ import grp
 import os
 import pwd
 
-from spool import Spool
-
 from msa.config import Config
+from spool import Spool
 
 MODES = {"tmp": 0o3733, "maildrop": 0o3733}
 # Any local user may put a file there: claimed by a lock file in claims/,

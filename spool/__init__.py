@@ -2,8 +2,19 @@
 deferral by due time, hold, quarantine, crash recovery and inotify
 watching. See :mod:`spool.core` for the on-disk invariants."""
 
-from .core import (Claim, Spool, SpoolError, SpoolFull, SpoolUnavailable,
-                   Writer, fsync_dir, id_time, new_id, pid_alive, valid_name)
+from .core import (
+                   Claim,
+                   Spool,
+                   SpoolError,
+                   SpoolFull,
+                   SpoolUnavailable,
+                   Writer,
+                   fsync_dir,
+                   id_time,
+                   new_id,
+                   pid_alive,
+                   valid_name,
+)
 from .due import DueIndex
 from .group import GroupSync, ThreadGroupSync
 from .watch import StageWatcher

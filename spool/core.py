@@ -56,7 +56,6 @@ from typing import BinaryIO, Iterable, Iterator
 
 import filelock
 
-
 log = logging.getLogger("spool")
 
 FIXED_DIRS = ("tmp", "deferred", "hold", "corrupt", "claims")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+
 from .core import Spool
 
 INFINITY = float("inf")

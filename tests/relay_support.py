@@ -484,6 +484,7 @@ def measure_backlog(n: int, seconds: float = 20.0) -> dict:
     sample the runner's RSS. ``python3 -m tests.relay_support N [SECONDS]``."""
     import shutil
     import tempfile
+
     from msa.message.queuefile import Envelope, utc_iso
     from msa.store import open_spool
     from spool import new_id

@@ -40,11 +40,10 @@ import time
 from dataclasses import dataclass
 from typing import IO, Iterable, Iterator
 
-from spool import Spool, id_time, valid_name
-
-from msa.message import queuefile
 from msa.config import Config
+from msa.message import queuefile
 from msa.message.queuefile import Envelope
+from spool import Spool, id_time, valid_name
 
 HEADER_FORMAT = "%-11s %7s %-20s %s\n"
 DATA_FORMAT = "%-11s %7d %20.20s %s\n"

@@ -35,12 +35,11 @@ import shutil
 import sys
 import time
 
-from spool import Spool, SpoolError, valid_name
-
 from msa import config, sysexits
 from msa.admin.control import send_control
 from msa.admin.mailq import list_queue
 from msa.store import open_spool
+from spool import Spool, SpoolError, valid_name
 
 PROG = "msa queue"
 HOLDABLE = ("active", "deferred/")

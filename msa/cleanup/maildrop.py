@@ -34,10 +34,10 @@ import time
 from typing import BinaryIO
 
 from msa.message import queuefile
-from msa.protocol import xtext
-from msa.protocol.errors import AddressError
 from msa.message.headers import normalize_address
 from msa.message.queuefile import Envelope, QueueFileError, Recipient
+from msa.protocol import xtext
+from msa.protocol.errors import AddressError
 
 MAX_LOCAL_PART = 64     # RFC 5321 §4.5.3.1.1
 NOTIFY_WORDS = {"NEVER", "SUCCESS", "FAILURE", "DELAY"}

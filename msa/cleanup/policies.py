@@ -24,8 +24,8 @@ import operator
 import re
 from typing import Iterable
 
-from msa.message import queuefile
 from msa.config import Config, ConfigError
+from msa.message import queuefile
 from msa.message.headerblock import HeaderBlock
 from msa.message.queuefile import Envelope, Recipient
 

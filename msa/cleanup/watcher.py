@@ -62,15 +62,14 @@ import time
 from typing import BinaryIO, Iterator
 
 import spool as spoollib
-from spool import Claim, Spool, StageWatcher, ThreadGroupSync
-
 from msa.cleanup import maildrop, pipeline, policies
-from msa.message import queuefile
+from msa.cleanup.policies import Policy
 from msa.config import ACTIVE, Config, ConfigError
+from msa.message import queuefile
 from msa.message.headerblock import HeaderBlock
 from msa.message.headers import HeaderTooLarge
-from msa.cleanup.policies import Policy
 from msa.message.queuefile import Envelope, QueueFileError
+from spool import Claim, Spool, StageWatcher, ThreadGroupSync
 
 log = logging.getLogger("msa.watcher")
 

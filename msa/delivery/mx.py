@@ -26,8 +26,8 @@ exception means (chasquid's habit); everything else maps its outcome to an
 from __future__ import annotations
 
 import asyncio
-import functools
 import enum
+import functools
 import ipaddress
 import random
 import socket

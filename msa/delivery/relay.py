@@ -65,15 +65,19 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Protocol
 
 import aiosmtplib
-from aiosmtplib.protocol import (COMMAND_INJECTION_REGEX, MAX_LINE_LENGTH,
-                                 MAX_RESPONSE_LENGTH, SMTPProtocol)
+from aiosmtplib.protocol import (
+    COMMAND_INJECTION_REGEX,
+    MAX_LINE_LENGTH,
+    MAX_RESPONSE_LENGTH,
+    SMTPProtocol,
+)
 from aiosmtplib.response import SMTPResponse
 
-from msa.protocol.dotstuff import DotStuffer
-from msa.protocol.replies import status_of as enhanced_status
-from msa.protocol.errors import MsaError, PermanentError, TransientError
 from msa.delivery.mx import MxHost, MxResolver, combine_host_errors, parse_hostport
 from msa.message.queuefile import Envelope, Recipient, one_line
+from msa.protocol.dotstuff import DotStuffer
+from msa.protocol.errors import MsaError, PermanentError, TransientError
+from msa.protocol.replies import status_of as enhanced_status
 
 log = logging.getLogger("msa.relay")
 

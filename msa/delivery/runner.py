@@ -42,15 +42,13 @@ import random
 import time
 from typing import Callable
 
-from spool import (DueIndex, GroupSync, Spool, StageWatcher, fsync_dir, id_time, new_id,
-                   valid_name)
-
-from msa.delivery import outcome
-from msa.fastlog import InfoWriter
 from msa.config import ACTIVE, Config
+from msa.delivery import outcome
+from msa.delivery.relay import BytesMessage, FileMessage, RcptResult, relay_from_config
+from msa.fastlog import InfoWriter
 from msa.message.dsn import DsnRequest, RecipientReport, build_dsn, dsn_envelope
 from msa.message.queuefile import Envelope, QueueFileError, check_size, envelope_of, parse_iso
-from msa.delivery.relay import BytesMessage, FileMessage, RcptResult, relay_from_config
+from spool import DueIndex, GroupSync, Spool, StageWatcher, fsync_dir, id_time, new_id, valid_name
 
 log = logging.getLogger("msa.runner")
 

@@ -26,10 +26,10 @@ maildrop files too. Invariants:
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 import email.parser
 import email.policy
+import re
+from dataclasses import dataclass, field
 from email.utils import getaddresses
 from typing import Iterator
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import contextlib
+import gc
 import logging
 import logging.handlers
 import os
@@ -43,8 +43,15 @@ import time
 
 from msa import config, sysexits, system
 from msa.admin.control import ControlServer
+from msa.process.supervisor import (
+    READY,
+    RELOAD_FAILED,
+    RELOADED,
+    ChildLink,
+    Supervisor,
+    parse_supervised,
+)
 from msa.store import open_spool
-from msa.process.supervisor import READY, RELOAD_FAILED, RELOADED, ChildLink, Supervisor, parse_supervised
 
 log = logging.getLogger("msa.daemon")
 

@@ -42,9 +42,8 @@ from typing import Any, Iterable
 import argon2
 import filelock
 
-from spool import fsync_dir
-
 from msa.protocol.errors import PermanentError
+from spool import fsync_dir
 
 log = logging.getLogger("msa.auth")
 

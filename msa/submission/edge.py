@@ -55,14 +55,13 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
-from spool import Spool
-
 from msa.cleanup import policies
+from msa.config import Config, ConfigError, EdgeConfig
 from msa.submission import tls as tlsconf
 from msa.submission.auth import PasswdFileAuth, SenderPolicy, TrustedNetworks
-from msa.config import Config, ConfigError, EdgeConfig
 from msa.submission.session import ABORT_AFTER, SmtpSession
 from msa.submission.writer import DirSyncer, dir_syncer_for
+from spool import Spool
 
 log = logging.getLogger("msa.edge")
 

@@ -38,20 +38,26 @@ import tempfile
 import time
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-from spool import Spool, SpoolError, SpoolFull, SpoolUnavailable
-
 from msa import config, sysexits
-from msa.message import queuefile
-from msa.submission.bsmtp import MAX_COMMAND_LINE, LocalSmtp, Reply
-from msa.protocol.errors import AddressError
-from msa.message.headers import (HeaderTooLarge, extract_recipients, field_name, from_field,
-                      normalize_address, read_header_section, safe_display_name)
 from msa.admin.mailq import list_queue
 from msa.admin.queuecmd import flush_command
+from msa.message import queuefile
+from msa.message.headers import (
+    HeaderTooLarge,
+    extract_recipients,
+    field_name,
+    from_field,
+    normalize_address,
+    read_header_section,
+    safe_display_name,
+)
 from msa.message.queuefile import Envelope
+from msa.protocol.errors import AddressError
+from msa.store import open_spool
+from msa.submission.bsmtp import MAX_COMMAND_LINE, LocalSmtp, Reply
 from msa.submission.sendmail_args import USAGE, Options, UsageError, parse_args
 from msa.submission.sendmail_input import MessageInput
-from msa.store import open_spool
+from spool import Spool, SpoolError, SpoolFull, SpoolUnavailable
 
 PIECE = 65536
 MEMORY_BUFFER = 1024 * 1024

@@ -29,8 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from msa import sysexits
-from msa.protocol import xtext
 from msa.message.headers import display_name_problem
+from msa.protocol import xtext
 
 USAGE = ("usage: sendmail [-t] [-i] [-f sender] [-F name] [-N dsn] [-R ret]\n"
          "                [-V envid] [-B 7BIT|8BITMIME] [-C config] [-v]\n"

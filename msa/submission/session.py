@@ -50,25 +50,35 @@ import logging
 import time
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope as _AioEnvelope
 # private: aiosmtpd's AUTH table holds _AuthMechAttr entries and has no public
 # constructor for them; goes when msa owns the SMTP server (issue 11).
-from aiosmtpd.smtp import _AuthMechAttr  # private: see above
-from aiosmtpd.smtp import Session as _AioSession, TLSSetupException
+from aiosmtpd.smtp import (
+    SMTP,
+    AuthResult,
+    TLSSetupException,
+    _AuthMechAttr,  # private: see above
+)
+from aiosmtpd.smtp import Envelope as _AioEnvelope
+from aiosmtpd.smtp import Session as _AioSession
 
-from spool import SpoolError, new_id
-
-from msa.message import queuefile
-from msa.protocol import smtpcmd, smtpdata
 from msa.fastlog import InfoWriter
+from msa.message import queuefile
 from msa.message.headerblock import HeaderCollector
 from msa.message.headers import header_addresses
-from msa.submission import tls as tlsconf
-from msa.submission.writer import (BodySink, discard_writer, open_writer, spool_reply, store_pool,
-                        write_message)
-from msa.submission.auth import CredentialsInvalidError, auth_backend
+from msa.protocol import smtpcmd, smtpdata
 from msa.protocol.errors import MsaError
+from msa.submission import tls as tlsconf
+from msa.submission.auth import CredentialsInvalidError, auth_backend
 from msa.submission.validators import Reply, SmtpValidators, enhance
+from msa.submission.writer import (
+    BodySink,
+    discard_writer,
+    open_writer,
+    spool_reply,
+    store_pool,
+    write_message,
+)
+from spool import SpoolError, new_id
 
 log = logging.getLogger("msa.edge")
 # aiosmtpd logs every connection and command at INFO under "mail.log"; our

@@ -40,10 +40,9 @@ import tempfile
 import threading
 from typing import Any, Callable, Iterator
 
-from spool import SpoolFull, fsync_dir
-
-from msa.message import queuefile
 from msa.cleanup.pipeline import apply_in_memory
+from msa.message import queuefile
+from spool import SpoolFull, fsync_dir
 
 # Threads writing queue files at once: fsyncs in flight together let the
 # filesystem journal commit them together.

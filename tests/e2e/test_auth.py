@@ -10,8 +10,15 @@ import sys
 import pytest
 
 from msa.admin import usercmd
-from msa.submission.auth import (CredentialsInvalidError, PasswdEntry, PasswdFile, PasswdFileAuth,
-                      SenderPolicy, parse_passwd, valid_username)
+from msa.submission.auth import (
+    CredentialsInvalidError,
+    PasswdEntry,
+    PasswdFile,
+    PasswdFileAuth,
+    SenderPolicy,
+    parse_passwd,
+    valid_username,
+)
 from tests import support
 from tests.edge_support import FAST_HASHER, add_user
 

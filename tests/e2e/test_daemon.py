@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import smtplib
+import socket
 import threading
 import time
 
@@ -18,8 +18,14 @@ from msa import config
 from msa.admin.control import send_control
 from msa.store import open_spool
 from tests import support
-from tests.daemon_support import (add_user, numbered_message, smtp_login, spooled_seqs,
-                                  start_daemon, write_daemon_config)
+from tests.daemon_support import (
+    add_user,
+    numbered_message,
+    smtp_login,
+    spooled_seqs,
+    start_daemon,
+    write_daemon_config,
+)
 
 COMMAND = os.environ.get("MSA_TEST_DAEMON_COMMAND", "daemon")
 

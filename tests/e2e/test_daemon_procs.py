@@ -14,12 +14,21 @@ import pytest
 
 from msa import config
 from msa.admin.control import send_control
-from msa.store import open_spool
 from msa.process.supervisor import edge_workers, parse_supervised, restart_delay
+from msa.store import open_spool
 from tests import support
-from tests.daemon_support import (MESSAGE, add_user, deposit, numbered_message, smtp_file,
-                                  smtp_login, spooled_seqs, start_daemon, start_detached,
-                                  write_daemon_config)
+from tests.daemon_support import (
+    MESSAGE,
+    add_user,
+    deposit,
+    numbered_message,
+    smtp_file,
+    smtp_login,
+    spooled_seqs,
+    start_daemon,
+    start_detached,
+    write_daemon_config,
+)
 
 
 @pytest.fixture

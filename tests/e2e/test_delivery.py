@@ -17,8 +17,15 @@ from msa.message.queuefile import load
 from msa.store import open_spool
 from tests import support
 from tests.daemon_support import add_user, smtp_login, start_daemon
-from tests.relay_support import (Sink, load_config, relay_config, start_dnsmasq,
-                                 start_smtp_sink, stop_smtp_sink, write_queue_file)
+from tests.relay_support import (
+    Sink,
+    load_config,
+    relay_config,
+    start_dnsmasq,
+    start_smtp_sink,
+    stop_smtp_sink,
+    write_queue_file,
+)
 
 
 def shared_port(hosts: list[str]) -> int:

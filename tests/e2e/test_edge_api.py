@@ -10,14 +10,13 @@ import threading
 
 import pytest
 
-from msa.submission.auth import Auth, CredentialsInvalidError
 from msa.config import ConfigError
+from msa.submission.auth import Auth, CredentialsInvalidError
 from msa.submission.edge import SmtpEdge, edges_from_config, parse_listen
 from msa.submission.validators import Reply, SmtpValidators, enhance
 from spool import Spool
 from tests import support
-from tests.edge_support import (EdgeThread, Edges, RawClient, add_user, read_queued,
-                                send_message)
+from tests.edge_support import Edges, EdgeThread, RawClient, add_user, read_queued, send_message
 
 MSG = b"From: testuser@example.org\r\nSubject: t\r\n\r\nhi\r\n"
 

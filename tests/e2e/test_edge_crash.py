@@ -16,8 +16,17 @@ import threading
 import pytest
 
 from tests import support
-from tests.edge_support import (RawClient, add_user, client_context, edge_config,
-                                edge_process, read_queued, reset_hwm, session, vm_kb)
+from tests.edge_support import (
+    RawClient,
+    add_user,
+    client_context,
+    edge_config,
+    edge_process,
+    read_queued,
+    reset_hwm,
+    session,
+    vm_kb,
+)
 
 
 def submitter(port, ca, acked, stop, seed):

@@ -19,7 +19,7 @@ from msa.submission.session import _NO_HOOK, _NO_HOOKS, SmtpSession, hook_arity
 from msa.submission.validators import SmtpValidators
 from spool import Spool
 from tests import support
-from tests.edge_support import EdgeThread, Edges, RawClient, send_message
+from tests.edge_support import Edges, EdgeThread, RawClient, send_message
 
 MSG = b"From: someone@elsewhere.test\r\n\r\nhi\r\n"
 # Values compared by type only: objects made anew for every protocol.

@@ -11,10 +11,10 @@ import smtplib
 import pytest
 
 from msa.cleanup import policies
-from msa.message import queuefile
-from msa.store import open_spool
 from msa.cleanup.pipeline import apply_in_memory
 from msa.cleanup.watcher import Watcher
+from msa.message import queuefile
+from msa.store import open_spool
 from tests.daemon_support import deposit, load_all, make_cfg
 from tests.edge_support import Edges, client_context
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from msa.submission.auth import Auth, CredentialsInvalidError, TrustedNetworks
 from msa.config import ConfigError
+from msa.submission.auth import Auth, CredentialsInvalidError, TrustedNetworks
 from msa.submission.edge import SmtpEdge, edges_from_config, listen_backlog
 from spool import Spool
 from tests import support
-from tests.edge_support import EdgeThread, Edges, RawClient, read_queued, send_message
+from tests.edge_support import Edges, EdgeThread, RawClient, read_queued, send_message
 
 MSG = b"From: someone@elsewhere.test\r\nSubject: t\r\n\r\nhi\r\n"
 

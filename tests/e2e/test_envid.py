@@ -11,10 +11,10 @@ import asyncio
 import pytest
 
 from msa.cleanup import maildrop
+from msa.delivery.relay import MxSmtpRelay
 from msa.message import queuefile
 from msa.protocol import xtext
 from msa.submission.sendmail_args import UsageError, parse_envid
-from msa.delivery.relay import MxSmtpRelay
 from tests import support
 from tests.e2e.test_relay import attempt_and_close
 from tests.edge_support import Edges, read_queued

@@ -12,9 +12,9 @@ import pytest
 
 from msa.cleanup import maildrop
 from msa.cleanup.maildrop import LineEndings, Refused, check_address, sanitise
+from msa.cleanup.watcher import Watcher
 from msa.message.queuefile import Envelope
 from msa.store import open_spool
-from msa.cleanup.watcher import Watcher
 from tests import support
 from tests.daemon_support import MESSAGE, load_all, make_cfg, queue_file
 

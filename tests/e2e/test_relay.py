@@ -9,8 +9,8 @@ import ssl
 import pytest
 
 from msa.delivery import mx
-from msa.message.queuefile import Envelope
 from msa.delivery.relay import BytesMessage, MxSmtpRelay, SmarthostRelay
+from msa.message.queuefile import Envelope
 from tests import support
 from tests.relay_support import DnsServer, ScriptedServer, Sink, run_async, server_tls_context
 

@@ -11,8 +11,8 @@ import pytest
 
 from msa.delivery.relay import BytesMessage
 from tests import support
-from tests.relay_support import Sink, run_async, start_smtp_sink, stop_smtp_sink
 from tests.e2e.test_relay import MSG, attempt_and_close, envelope, relay_to
+from tests.relay_support import Sink, run_async, start_smtp_sink, stop_smtp_sink
 
 MIXED = {"ok@x.test": "250 2.1.5 fine",
          "busy@x.test": "450 4.2.1 mailbox busy",

@@ -16,8 +16,7 @@ import pytest
 
 from msa.message.queuefile import load
 from tests import support
-from tests.relay_support import (RunnerHarness, Sink, load_config, relay_config,
-                                 write_queue_file)
+from tests.relay_support import RunnerHarness, Sink, load_config, relay_config, write_queue_file
 
 MSG = (b"From: alice@example.org\r\nTo: bob@x.test\r\nMessage-ID: <m1@example.org>\r\n"
        b"Subject: test\r\n\r\nHello.\r\n")

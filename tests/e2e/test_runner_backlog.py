@@ -9,8 +9,8 @@ import asyncio
 import os
 import tracemalloc
 
-from msa.message.queuefile import Envelope, utc_iso
 from msa.delivery.relay import RcptResult
+from msa.message.queuefile import Envelope, utc_iso
 from spool import new_id
 from tests.relay_support import RunnerHarness, load_config, relay_config
 

@@ -16,8 +16,13 @@ import time
 
 import pytest
 
-from msa.message.headers import (HeaderTooLarge, drop_fields, extract_recipients,
-                         normalize_address, read_header_section)
+from msa.message.headers import (
+    HeaderTooLarge,
+    drop_fields,
+    extract_recipients,
+    normalize_address,
+    read_header_section,
+)
 from msa.protocol.errors import AddressError
 from msa.submission.sendmail_args import UsageError, parse_args
 from msa.submission.sendmail_input import MessageInput
@@ -400,6 +405,7 @@ def test_every_file_passes_the_watchers_maildrop_check(cfg):
     """What sendmail writes is what the watcher accepts from maildrop/
     (msa.cleanup.maildrop): awkward input must not end up quarantined."""
     import pwd
+
     from msa.cleanup import maildrop
     inputs = [
         (["-t", "-i"], b"To: a@x.test\nBcc: b\nSubject: cr\rin subject\n\nold mac\rline\r\n."),
@@ -439,6 +445,7 @@ def test_maildrop_files_take_the_daemon_group(tmp_path):
     """With [daemon] group set, a file an ordinary user drops is readable by
     that group, so the daemon can read it after dropping root."""
     import grp
+
     from msa import config as msa_config
     from msa.store import open_spool
     group = grp.getgrnam("nogroup")

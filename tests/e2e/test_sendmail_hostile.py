@@ -13,10 +13,10 @@ from email.header import decode_header, make_header
 import pytest
 
 from msa import config, sysexits
-from msa.submission import sendmail
+from msa.cleanup.watcher import Watcher
 from msa.message.headers import field_name
 from msa.store import open_spool
-from msa.cleanup.watcher import Watcher
+from msa.submission import sendmail
 from tests import support
 from tests.daemon_support import load_all
 from tests.sendmail_support import make_config

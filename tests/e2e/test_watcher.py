@@ -10,9 +10,9 @@ import pytest
 import msa.cleanup.watcher
 import spool.core
 from msa.cleanup import policies
+from msa.cleanup.watcher import Watcher
 from msa.message import queuefile
 from msa.store import open_spool
-from msa.cleanup.watcher import Watcher
 from spool import StageWatcher
 from tests import support
 from tests.daemon_support import MESSAGE, deposit, load_all, make_cfg, smtp_file
@@ -105,6 +105,7 @@ def _as_left_in(stage_policies, data: bytes) -> bytes:
     """A queue file as a per-stage watcher left it after applying (and
     recording) ``stage_policies`` and before moving it on."""
     import tempfile
+
     from msa.cleanup.watcher import Head
     with tempfile.TemporaryFile() as f:
         f.write(data)

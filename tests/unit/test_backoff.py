@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from msa.delivery import backoff
 from msa.config import RetryConfig
+from msa.delivery import backoff
 
 S = RetryConfig(min_delay=300, max_delay=4000, factor=2, jitter=0.0, lifetime=5 * 86400)
 

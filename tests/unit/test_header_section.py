@@ -10,10 +10,17 @@ import io
 
 import pytest
 
-from msa.cleanup.pipeline import header_section, read_header_section as read_file_section
+from msa.cleanup.pipeline import header_section
+from msa.cleanup.pipeline import read_header_section as read_file_section
 from msa.message.headerblock import HeaderCollector
-from msa.message.headers import (END_BODY, END_EMPTY, HeaderScanner, HeaderTooLarge,
-                                 header_addresses, read_header_section)
+from msa.message.headers import (
+    END_BODY,
+    END_EMPTY,
+    HeaderScanner,
+    HeaderTooLarge,
+    header_addresses,
+    read_header_section,
+)
 
 # message -> (header bytes, how the section ended)
 CASES = {

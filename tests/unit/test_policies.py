@@ -6,10 +6,16 @@ import pytest
 
 from msa import config
 from msa.cleanup import policies
+from msa.cleanup.policies import (
+    AddDateHeader,
+    AddMessageIdHeader,
+    AddReceivedHeader,
+    Forward,
+    RecipientDomainSplit,
+    RemoveBccHeader,
+)
 from msa.message.headerblock import HeaderBlock, fold
 from msa.message.headers import CONTINUATION, END_BODY, END_EMPTY, FIELD, line_kind
-from msa.cleanup.policies import (AddDateHeader, AddMessageIdHeader, AddReceivedHeader, Forward,
-                          RecipientDomainSplit, RemoveBccHeader)
 from msa.message.queuefile import Envelope, utc_iso
 
 

@@ -55,8 +55,8 @@ def violations(source: str, in_msa: bool) -> list[str]:
             if in_msa and node.level == 0 and parts[0] == "spool" and len(parts) > 1:
                 found.append(f"line {node.lineno}: from {module} import ... (past spool's API)")
             for alias in node.names:
-                if _private(alias.name):
-                    found.append(f"line {node.lineno}: from {module} import {alias.name}")
+                if _private(alias.name):  # the alias's own line: imports may span several
+                    found.append(f"line {alias.lineno}: from {module} import {alias.name}")
                 imported.add(alias.asname or alias.name)
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and _private(node.attr):
@@ -87,6 +87,8 @@ def test_no_private_names_of_other_modules(path):
     ("import logging\nx = logging._startTime\n", False, 1),
     ("import logging\nx = getattr(logging, '_startTime', 0)\n", False, 1),
     ("from a import _b  # private: no public name for it\n", False, 0),
+    ("from a import (\n    b,\n    _c,  # private: no public name for it\n)\n", False, 0),
+    ("from a import (\n    b,  # private: not this line's name\n    _c,\n)\n", False, 1),
     ("from msa.message import queuefile\nqueuefile._ISO_UTC.match('')\n", False, 1),
     ("import a.b\na.b._c()\n", False, 1),
     ("from x._impl import y\n", False, 1),

@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 
 from msa.protocol.errors import MsaError
-from msa.protocol.smtpcmd import (parse_mail_params, parse_params, parse_path, parse_rcpt_params,
-                         split_command)
+from msa.protocol.smtpcmd import (
+    parse_mail_params,
+    parse_params,
+    parse_path,
+    parse_rcpt_params,
+    split_command,
+)
 
 
 def code(fn, *args, **kw) -> str:

@@ -7,8 +7,15 @@ import random
 
 import pytest
 
-from msa.protocol.smtpdata import (BareLineEnding, Data, DataReader, EndOfData, LineTooLong,
-                                   MessageTooBig, NulInData)
+from msa.protocol.smtpdata import (
+    BareLineEnding,
+    Data,
+    DataReader,
+    EndOfData,
+    LineTooLong,
+    MessageTooBig,
+    NulInData,
+)
 
 SMUGGLE_VARIANTS = [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r",
                     b"\r.\r", b"\r.\n", b"\n.\r", b"\r\n\x00.\r\n", b"\r\n.\x00\r\n"]
