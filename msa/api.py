@@ -36,13 +36,13 @@ import signal
 from msa import system  # noqa: F401 (the tutorial's ``system`` module)
 
 _NAMES = {
-    "MxSmtpRelay": "msa.relay", "SmarthostRelay": "msa.relay",
+    "MxSmtpRelay": "msa.delivery.relay", "SmarthostRelay": "msa.delivery.relay",
     "Queue": "msa.queue", "SpoolStorage": "msa.queue",
-    "SmtpEdge": "msa.edge", "SmtpValidators": "msa.validators",
-    "Auth": "msa.auth", "CredentialsInvalidError": "msa.auth",
-    "AddDateHeader": "msa.policies", "AddMessageIdHeader": "msa.policies",
-    "AddReceivedHeader": "msa.policies", "RemoveBccHeader": "msa.policies",
-    "Forward": "msa.policies", "RecipientDomainSplit": "msa.policies",
+    "SmtpEdge": "msa.submission.edge", "SmtpValidators": "msa.submission.validators",
+    "Auth": "msa.submission.auth", "CredentialsInvalidError": "msa.submission.auth",
+    "AddDateHeader": "msa.cleanup.policies", "AddMessageIdHeader": "msa.cleanup.policies",
+    "AddReceivedHeader": "msa.cleanup.policies", "RemoveBccHeader": "msa.cleanup.policies",
+    "Forward": "msa.cleanup.policies", "RecipientDomainSplit": "msa.cleanup.policies",
     "drop_privileges": "msa.system", "redirect_stdio": "msa.system",
 }
 
