@@ -399,12 +399,14 @@ class SmtpSession(SMTP):
 
     # -- replies ------------------------------------------------------------
 
-    async def push(self, status: str | bytes) -> None:
+    async def push(self, status: str | bytes, error: bool = True) -> None:
+        """Send a reply; a 4xx/5xx one spends the error budget unless
+        ``error`` is false (a refusal the client did nothing wrong for)."""
         if isinstance(status, bytes):
             status = status.decode("utf-8", "replace")
         status = _enhanced(status)
         if status[:1] in ("4", "5"):
-            self._errors += 1
+            self._errors += error
             log.info("reject: %s from %s: %s", self._command, self._client(), status)
         await self._send(status)
 
@@ -747,8 +749,9 @@ class SmtpSession(SMTP):
             await self.push("553 5.6.7 Non-ASCII address requires SMTPUTF8")
             return
         if len(self.envelope.recipients) >= self.settings.max_recipients:
-            # RFC 5321 §4.5.3.1.10: 452, the client sends the rest later.
-            await self.push("452 4.5.3 Error: too many recipients")
+            # RFC 5321 §4.5.3.1.10: 452, the client sends the rest later
+            # (in another transaction): not an error of the client's.
+            await self.push("452 4.5.3 Error: too many recipients", error=False)
             return
         line = await self._address_reply("rcpt", "2.1.5 Recipient <{0}> ok", address, rest)
         if line is None:

@@ -174,6 +174,28 @@ def test_too_many_recipients(clean):
     assert len(env.recipients) == 3
 
 
+def test_recipients_over_the_limit_do_not_spend_the_error_budget(clean):
+    """20 pipelined RCPTs against max_recipients 3 and max_errors 8: 3
+    accepted, 17 x 452 4.5.3, and the session goes on (the client sends the
+    rest in another transaction, as RFC 5321 §4.5.3.1.10 and msa.toml(5)
+    say); it was cut off with 421 after the eighth 452."""
+    s = clean.session()
+    s.send(b"MAIL FROM:<alice@example.org>\r\n"
+           + b"".join(f"RCPT TO:<r{i}@example.test>\r\n".encode() for i in range(20)))
+    replies = [s.reply() for _ in range(21)]
+    assert replies[0].startswith("250")
+    assert [r[:9] for r in replies[1:]] == ["250 2.1.5"] * 3 + ["452 4.5.3"] * 17
+    assert s.cmd("DATA").startswith("354")
+    s.send(MSG + b".\r\n")
+    assert s.reply().startswith("250")
+    for first in range(3, 20, 3):  # the rest, three at a time
+        rcpts = [f"r{i}@example.test" for i in range(first, min(first + 3, 20))]
+        assert send_message(s, "alice@example.org", rcpts, MSG).startswith("250")
+    queued = [read_queued(p)[0] for p in clean.queued()]
+    assert sorted(r.address for env in queued for r in env.recipients) == sorted(
+        f"r{i}@example.test" for i in range(20))
+
+
 def test_line_too_long(clean):
     s = clean.session()
     assert s.cmd(b"NOOP " + b"x" * 600).startswith("500 5.5.2")
