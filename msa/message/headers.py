@@ -26,6 +26,7 @@ maildrop files too. Invariants:
 
 from __future__ import annotations
 
+import email.errors
 import email.parser
 import email.policy
 import re
@@ -305,18 +306,37 @@ def normalize_address(text: str, domain: str, allow_null: bool = False) -> str:
 def header_addresses(headers: bytes, name: str = "From") -> list[str] | None:
     """The addr-specs in every ``name`` field of a header section, or None
     when a field is there but yields no usable address (unparseable, a
-    group without members, no domain). 8-bit text is read as UTF-8
-    (RFC 6532); invalid UTF-8 survives as surrogates and so matches no
-    configured address."""
+    group without members, no domain) or when mail programs could read it
+    otherwise: the field must give the same addresses to the standard
+    library's two readers (``email.headerregistry``, which reads
+    ``alice@x (c) <bob@y>`` as alice, and ``email.utils.getaddresses`` on
+    the raw text, which a client may follow to bob). 8-bit text is read as
+    UTF-8 (RFC 6532); invalid UTF-8 survives as surrogates and so matches
+    no configured address."""
     text = headers.decode("utf-8", "surrogateescape")
-    msg = email.parser.HeaderParser(policy=email.policy.SMTPUTF8).parsestr(text)
+    raw = [field_value_raw(f) for f in split_fields(text.encode("utf-8", "surrogateescape"))
+           if field_name(f) == name.lower()]
     out: list[str] = []
-    for value in msg.get_all(name, []):
-        try:
+    try:
+        msg = email.parser.HeaderParser(policy=email.policy.SMTPUTF8).parsestr(text)
+        values = msg.get_all(name, [])
+        if len(values) != len(raw):
+            return None
+        for value, plain in zip(values, raw):
             addrs = list(value.addresses)
-        except (AttributeError, ValueError, IndexError):
-            return None
-        if not addrs or any(not a.domain or not a.username for a in addrs):
-            return None
-        out.extend(a.addr_spec for a in addrs)
+            if not addrs or any(not a.domain or not a.username for a in addrs):
+                return None
+            specs = [a.addr_spec for a in addrs]
+            if sorted(specs) != sorted(a for _, a in getaddresses([plain])):
+                return None
+            out.extend(specs)
+    except (AttributeError, ValueError, IndexError, TypeError, email.errors.HeaderParseError):
+        return None  # a field the parser chokes on: "From: <", "From: x:;c@d"
     return out
+
+
+def field_value_raw(raw: bytes) -> str:
+    """The unfolded value of a raw field, as text (encoded words left
+    encoded), for a second reader."""
+    value = raw.partition(b":")[2].replace(b"\r\n", b"").replace(b"\n", b"")
+    return value.decode("utf-8", "surrogateescape").strip()

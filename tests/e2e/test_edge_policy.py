@@ -161,6 +161,20 @@ def test_size_limits(clean):
     assert send_message(s, "alice@example.org", ["b@example.test"], ok).startswith("250")
 
 
+@pytest.mark.parametrize("value", [b"alice@example.org (x) <bob@example.net>",
+                                   b"<alice@example.org> <bob@example.net>",
+                                   b"alice@example.org;bob@example.net", b"<", b"x:;c@d"])
+def test_from_a_client_could_read_otherwise_is_refused(clean, value):
+    """From fields a mail client may read as bob's, and two that made the
+    parser raise (451 4.3.0 and a traceback, so clients retried forever):
+    553 5.7.1, nothing queued."""
+    s = clean.session("alice")
+    r = send_message(s, "alice@example.org", ["b@example.test"],
+                     b"From: " + value + b"\r\n\r\nhi\r\n")
+    assert r.startswith("553 5.7.1"), (value, r)
+    assert clean.queued() == []
+
+
 def test_too_many_recipients(clean):
     s = clean.session()
     assert s.cmd("MAIL FROM:<alice@example.org>").startswith("250")

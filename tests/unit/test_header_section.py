@@ -116,3 +116,23 @@ def test_from_addresses():
     assert header_addresses(b"From: \"a@b.c\" <m@evil.test>\r\n") == ["m@evil.test"]
     assert header_addresses(b"Subject: none\r\n") == []
     assert header_addresses("From: Jos\u00e9 <j\u00f6@ex.org>\r\n".encode()) == ["j\u00f6@ex.org"]
+
+
+@pytest.mark.parametrize("value", [
+    "alice@example.org (x) <bob@example.org>",   # mail clients may see bob
+    "<alice@example.org> <bob@example.org>",
+    "alice@example.org;bob@example.org",
+    "<",                                          # raised inside the parser
+    "x:;c@d",
+    "undisclosed-recipients:;",
+])
+def test_ambiguous_or_broken_from_gives_no_addresses(value):
+    assert header_addresses(f"From: {value}\r\n".encode()) is None
+
+
+def test_encoded_words_and_comments_are_read_alike():
+    assert header_addresses(b"From: =?utf-8?q?a=2C_b?= <alice@example.org>\r\n") == [
+        "alice@example.org"]
+    assert header_addresses(b"From: alice@example.org (comment)\r\n") == ["alice@example.org"]
+    assert header_addresses(b"From: a@x.org\r\nFrom: b@y.org\r\n") == ["a@x.org", "b@y.org"]
+
