@@ -139,8 +139,11 @@ def parse_path(text: str, null_ok: bool = False, utf8: bool = True) -> tuple[str
     if inner.isascii():          # octets are characters
         too_long = len(local) > 64 or len(domain) > 255 or len(inner) > 254
     else:
-        too_long = (len(local.encode()) > 64 or len(domain.encode()) > 255
-                    or len(inner.encode()) > 254)
+        try:
+            too_long = (len(local.encode()) > 64 or len(domain.encode()) > 255
+                        or len(inner.encode()) > 254)
+        except UnicodeEncodeError:  # bytes that are not UTF-8 (RFC 6531 §3.3)
+            raise error(553, "5.6.7", "Address is not valid UTF-8") from None
     if too_long:
         raise error(553, "5.1.3", "Address too long")
     return inner, rest.strip() if rest else rest

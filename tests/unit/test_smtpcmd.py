@@ -88,3 +88,10 @@ def test_rcpt_params():
     assert parse_rcpt_params("ORCPT=utf-8;j\u00f6rg@x.y", utf8=True).orcpt == "utf-8;j\u00f6rg@x.y"
     assert code(parse_rcpt_params, "ORCPT=utf-8;j\u00f6rg@x.y") == "501 5.5.4"
     assert code(parse_rcpt_params, "FOO") == "555 5.5.4"
+
+
+def test_path_that_is_not_utf8_is_refused_not_raised():
+    """Bytes that are not UTF-8 reach parse_path as lone surrogates; they
+    got UnicodeEncodeError (an internal error) instead of a reply."""
+    for text in ("*@\udc80", "<a\udc80@x.org>", "<j\u00f6rg@\udcff.example>"):
+        assert code(parse_path, text, utf8=True) == "553 5.6.7", text
