@@ -43,6 +43,7 @@ import time
 
 from msa import config, sysexits, system
 from msa.admin.control import ControlServer
+from msa.logsafe import escape
 from msa.process.supervisor import (
     READY,
     RELOAD_FAILED,
@@ -93,8 +94,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 class _Format(logging.Formatter):
-    """Postfix-like: ``msa/watcher[pid]: QID: text``. The time stamp has
-    whole seconds, so it is formatted once a second, not once a line."""
+    """Postfix-like: ``msa/watcher[pid]: QID: text``, the text escaped
+    (:func:`msa.logsafe.escape`). The time stamp has whole seconds, so it
+    is formatted once a second, not once a line."""
 
     _second: int = -1
     _stamp: str = ""
@@ -110,6 +112,12 @@ class _Format(logging.Formatter):
         record.component = record.name.replace(".", "/", 1) if record.name.startswith("msa.") \
             else f"msa/{record.name}"
         return super().format(record)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The one place every line's text is escaped (msa.logsafe): a
+        # traceback appended after it is ours and keeps its lines.
+        record.message = escape(record.message)
+        return super().formatMessage(record)
 
 
 def setup_logging(where: str, level: str) -> None:
