@@ -57,6 +57,11 @@ class EdgeConfig:
     max_recipients: int = 1000
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    # The whole DATA phase: at most data_deadline seconds, and never slower
+    # than min_data_rate bytes/s after data_timeout (Postfix 3.7's
+    # smtpd_min_data_rate), so trickling bytes cannot hold a session.
+    data_deadline: float = 3600.0
+    min_data_rate: int = 500
     max_errors: int = 10
     max_auth_failures: int = 3
     auth_failure_delay: float = 1.0

@@ -105,6 +105,8 @@ class EdgeSettings:
     # Policy lists applied before writing, or None: the watcher does.
     stages: list | None = None
     max_policy_header: int = 1024 * 1024
+    data_deadline: float = _DEFAULTS.data_deadline
+    min_data_rate: int = _DEFAULTS.min_data_rate
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -129,6 +131,8 @@ class SmtpEdge:
                  max_recipients: int = _DEFAULTS.max_recipients,
                  command_timeout: float = _DEFAULTS.command_timeout,
                  data_timeout: float = _DEFAULTS.data_timeout,
+                 data_deadline: float = _DEFAULTS.data_deadline,
+                 min_data_rate: int = _DEFAULTS.min_data_rate,
                  max_errors: int = _DEFAULTS.max_errors,
                  max_auth_failures: int = _DEFAULTS.max_auth_failures,
                  auth_failure_delay: float = _DEFAULTS.auth_failure_delay,
@@ -167,7 +171,8 @@ class SmtpEdge:
             max_errors=max_errors, max_auth_failures=max_auth_failures,
             auth_failure_delay=auth_failure_delay, max_connections=max_connections,
             memory_limit=memory_limit, max_header_size=max_header_size,
-            stages=_edge_stages(policies), max_policy_header=max_policy_header)
+            stages=_edge_stages(policies), max_policy_header=max_policy_header,
+            data_deadline=data_deadline, min_data_rate=min_data_rate)
         self.policies_from_config = False
         self.dir_syncer: DirSyncer | None = None   # made by start()
         self.stopping = False
@@ -321,6 +326,7 @@ def _fqdn() -> str:
 def _limits(e: EdgeConfig) -> dict[str, Any]:
     return dict(max_message_size=e.max_message_size, max_recipients=e.max_recipients,
                 command_timeout=e.command_timeout, data_timeout=e.data_timeout,
+                data_deadline=e.data_deadline, min_data_rate=e.min_data_rate,
                 max_errors=e.max_errors, max_auth_failures=e.max_auth_failures,
                 auth_failure_delay=e.auth_failure_delay, max_connections=e.max_connections)
 

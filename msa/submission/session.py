@@ -425,6 +425,7 @@ class SmtpSession(SMTP):
             await writer.drain()
 
     _command = ""
+    data_read = 0   # bytes read in the current (or last) DATA phase
 
     async def _hook(self, name: str, reply: Reply, *args: Any) -> Reply:
         nargs = self._hooks.get(name)
@@ -861,12 +862,23 @@ class SmtpSession(SMTP):
                          headers: HeaderCollector | None) -> smtpdata.EndOfData:
         reader = smtpdata.DataReader(self.settings.max_message_size)
         self._in_data = True
+        s = self.settings
+        # The phase's end: data_timeout plus 1/min_data_rate seconds for
+        # every byte received (a client at the minimum rate is never cut
+        # off), at most data_deadline from the start.
+        start = self.loop.time()
+        cap = start + s.data_deadline if s.data_deadline > 0 else float("inf")
+        self.data_read = 0
         try:
             while True:
-                self._arm(self.settings.data_timeout)
+                end = cap
+                if s.min_data_rate > 0:
+                    end = min(end, start + s.data_timeout + self.data_read / s.min_data_rate)
+                self._arm(max(0.0, min(s.data_timeout, end - self.loop.time())))
                 chunk = await self._reader.read(READ_CHUNK)
                 if not chunk:
                     raise ConnectionResetError("connection closed during DATA")
+                self.data_read += len(chunk)
                 for event in reader.feed(chunk):
                     if isinstance(event, smtpdata.Data):
                         if headers is not None:

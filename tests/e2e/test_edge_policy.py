@@ -175,6 +175,78 @@ def test_from_a_client_could_read_otherwise_is_refused(clean, value):
     assert clean.queued() == []
 
 
+def _start_data(e):
+    s = e.session(implicit=True)
+    assert s.cmd("MAIL FROM:<alice@example.org>").startswith("250")
+    assert s.cmd("RCPT TO:<b@example.test>").startswith("250")
+    assert s.cmd("DATA").startswith("354")
+    s.sent = 0
+    _send_data(e, s, b"From: alice@example.org\r\n\r\n")
+    return s
+
+
+def _send_data(e, s, data: bytes) -> None:
+    """Send DATA bytes and wait until the edge has read them (the clock is
+    only moved once the edge has seen what came before: a jump between
+    the client's send and the edge's read would be time without data)."""
+    s.send(data)
+    s.sent += len(data)
+    sessions = e.edges[1]._sessions   # the implicit-TLS listener's
+    support.wait_for(lambda: not sessions or any(x.data_read >= s.sent for x in sessions),
+                     timeout=10, what="the edge to read the data (or end the session)")
+
+
+def test_a_trickling_client_is_cut_off_at_the_minimum_data_rate(tmp_path, ca):
+    """A byte every 50 s resets the 100 s per-read timeout every time, but
+    the DATA phase may only last data_timeout + bytes / min_data_rate
+    (100 + n / 1) seconds: 421 4.4.2 and nothing queued. The loop's clock
+    is the test's (SkewedLoop)."""
+    e = Edges(tmp_path, ca, "data_timeout = 100.0\nmin_data_rate = 1\ndata_deadline = 0\n",
+              loop_factory=support.SkewedLoop)
+    try:
+        s = _start_data(e)   # 27 bytes sent: the phase may last 127 s
+        answered = None
+        for i in range(10):  # 50 s a byte: never idle for data_timeout
+            e.thread.loop.advance_threadsafe(50.0)
+            try:
+                _send_data(e, s, b"x")
+            except OSError:  # cut off already
+                pass
+            if not e.edges[1]._sessions:
+                answered = i
+                break
+        assert s.closed(timeout=10)
+        assert s.buf.startswith(b"421 4.4.2"), s.buf
+        assert answered is not None and answered <= 3, answered   # by 200 s in, not later
+        assert e.queued() == []
+    finally:
+        e.stop()
+
+
+def test_a_steady_client_is_not_cut_off_and_the_deadline_caps_the_phase(tmp_path, ca):
+    e = Edges(tmp_path, ca, "data_timeout = 100.0\nmin_data_rate = 1\ndata_deadline = 250\n",
+              loop_factory=support.SkewedLoop)
+    try:
+        s = _start_data(e)
+        for _ in range(4):   # 60 s and 100 bytes at a time: 1.7 bytes/s, 240 s in all
+            e.thread.loop.advance_threadsafe(60.0)
+            _send_data(e, s, b"y" * 98 + b"\r\n")
+        s.send(b".\r\n")
+        assert s.reply().startswith("250 2.0.0 Ok: queued as "), s.buf
+        assert s.cmd("QUIT").startswith("221")
+        support.wait_for(lambda: not e.edges[1]._sessions, what="the first session to end")
+        s2 = _start_data(e)
+        for _ in range(4):   # 240 s: still within the deadline
+            e.thread.loop.advance_threadsafe(60.0)
+            _send_data(e, s2, b"y" * 98 + b"\r\n")
+        assert not s2.buf
+        e.thread.loop.advance_threadsafe(11.0)   # 251 s: past it, however fast it sent
+        assert s2.closed(timeout=10) and s2.buf.startswith(b"421 4.4.2"), s2.buf
+        assert len(e.queued()) == 1
+    finally:
+        e.stop()
+
+
 def test_too_many_recipients(clean):
     s = clean.session()
     assert s.cmd("MAIL FROM:<alice@example.org>").startswith("250")
