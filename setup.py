@@ -17,7 +17,7 @@ setup(
         "cryptography>=41",    # the demo's self-signed certificate
         "uvloop>=0.19",        # libuv event loop: ~1/5 less CPU per message (bench/)
     ],
-    extras_require={"test": ["pytest>=7", "trustme>=1.1"]},
+    extras_require={"test": ["pytest>=7", "trustme>=1.1", "hypothesis>=6.80"]},
     entry_points={"console_scripts": [
         "msa=msa.cli:main",
         "sendmail=msa.submission.sendmail:main",
