@@ -114,6 +114,10 @@ def received_clauses(env: Envelope, hostname: str) -> list[str]:
     if env.origin == "local":
         uid = env.local_uid or "unknown"
         return [f"by {hostname} (msa, from userid {uid})", f"id {env.queue_id};", date]
+    if not env.client_address:
+        # Made here (a DSN): no client to name, and an empty address
+        # literal "[]" is not one RFC 5321 §4.1.3 allows.
+        return [f"by {hostname} (msa)", f"id {env.queue_id};", date]
     helo = env.helo or "unknown"
     out = [f"from {helo} ({env.client_name or 'unknown'} [{env.client_address}])"]
     if env.tls:

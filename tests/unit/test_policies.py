@@ -108,6 +108,17 @@ def test_received_hides_recipients_when_several_and_names_protocol():
     assert "(unknown [::1])" in value
 
 
+def test_received_for_a_message_made_here_names_no_client():
+    """A DSN (origin dsn, no client): "by host (msa) id Q;", not "from
+    unknown (unknown [])", whose empty address literal RFC 5321 forbids."""
+    env = _env(origin="dsn")
+    h = _headers()
+    AddReceivedHeader("msa.test").apply(env, h)
+    value = h.get("received")
+    assert value.startswith("by msa.test (msa) id 0123456789ABC000001000; "), value
+    assert "[]" not in value and "from " not in value
+
+
 def test_received_for_local_mail():
     env = _env(origin="local", local_user="bob", local_uid="1000")
     h = _headers()
