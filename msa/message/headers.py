@@ -240,6 +240,42 @@ def from_field(sender: str, full_name: str = "") -> bytes:
     return f"From: {phrase(full_name)} <{sender}>\r\n".encode("utf-8")
 
 
+ADDRESS_FIELDS = frozenset({"from", "sender", "reply-to", "to", "cc", "resent-from",
+                            "resent-sender", "resent-to", "resent-cc"})
+
+
+def qualify_fields(fields: list[bytes], domain: str) -> list[bytes]:
+    """Header fields of local mail with bare local parts qualified (``To:
+    root`` -> ``To: root@domain``, ``From: root (Cron Daemon)`` -> ``From:
+    Cron Daemon <root@domain>``), as Postfix's cleanup does with
+    ``myorigin``: a strict receiver refuses an address without a domain
+    (RFC 5322 §3.4.1). Only the address fields (:data:`ADDRESS_FIELDS`)
+    that hold such a part are rewritten; a field that does not parse, or
+    that holds a group, is kept byte for byte, as is every other field."""
+    from email.utils import formataddr
+    out = []
+    for raw in fields:
+        name = field_name(raw)
+        if name not in ADDRESS_FIELDS:
+            out.append(raw)
+            continue
+        value = field_value_raw(raw)
+        pairs = getaddresses([value])
+        if (not pairs or any(not addr for _, addr in pairs) or ":" in value
+                or all("@" in addr for _, addr in pairs)):
+            out.append(raw)
+            continue
+        parts = []
+        for display, addr in pairs:
+            if "@" not in addr:
+                addr = f"{addr}@{domain}"
+            parts.append(formataddr((display, addr)) if addr.isascii()
+                         else (f"{phrase(display)} <{addr}>" if display else addr))
+        head = raw.partition(b":")[0].decode("ascii")
+        out.append(f"{head}: {', '.join(parts)}\r\n".encode("utf-8"))
+    return out
+
+
 def drop_fields(fields: list[bytes], names: frozenset[str] = DROP_ALWAYS) -> list[bytes]:
     return [f for f in fields if field_name(f) not in names]
 

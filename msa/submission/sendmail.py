@@ -48,6 +48,7 @@ from msa.message.headers import (
     field_name,
     from_field,
     normalize_address,
+    qualify_fields,
     read_header_section,
     safe_display_name,
 )
@@ -238,6 +239,7 @@ def submit(cfg: config.Config, opts: Options, user: pwd.struct_passwd,
         if not recipients:
             raise Failure("no recipients found in the message headers", sysexits.EX_USAGE)
     env = new_envelope(user, sender, opts.full_name)
+    section.fields = qualify_fields(section.fields, cfg.domain)
     if sender and not any(field_name(f) == "from" for f in section.fields):
         name = opts.full_name if opts.full_name is not None else gecos_name(user)
         section.fields.insert(0, from_field(sender, name))

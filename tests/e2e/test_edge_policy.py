@@ -247,6 +247,16 @@ def test_a_steady_client_is_not_cut_off_and_the_deadline_caps_the_phase(tmp_path
         e.stop()
 
 
+def test_smtp_submission_keeps_header_addresses_as_sent(clean):
+    """Bare local parts are qualified for local mail only (sendmail, as
+    Postfix's myorigin); what a client submits is relayed as it sent it."""
+    s = clean.session()
+    body = b"From: alice@example.org\r\nTo: root\r\nCc: bob\r\n\r\nhi\r\n"
+    assert send_message(s, "alice@example.org", ["b@example.test"], body).startswith("250")
+    _, message = read_queued(clean.queued()[0])
+    assert message == body
+
+
 def test_too_many_recipients(clean):
     s = clean.session()
     assert s.cmd("MAIL FROM:<alice@example.org>").startswith("250")

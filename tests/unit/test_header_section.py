@@ -136,3 +136,21 @@ def test_encoded_words_and_comments_are_read_alike():
     assert header_addresses(b"From: alice@example.org (comment)\r\n") == ["alice@example.org"]
     assert header_addresses(b"From: a@x.org\r\nFrom: b@y.org\r\n") == ["a@x.org", "b@y.org"]
 
+
+
+@pytest.mark.parametrize("field,want", [
+    (b"From: root (Cron Daemon)\r\n", b"From: Cron Daemon <root@example.org>\r\n"),
+    (b"To: root\r\n", b"To: root@example.org\r\n"),
+    (b"To: a@x.org, bob\r\n", b"To: a@x.org, bob@example.org\r\n"),
+    (b'Reply-To: "Al B" <al>\r\n', b"Reply-To: Al B <al@example.org>\r\n"),
+    (b"To: =?utf-8?q?J=C3=B6?= <jo>\r\n", b"To: =?utf-8?q?J=C3=B6?= <jo@example.org>\r\n"),
+    # kept byte for byte: qualified already, not an address field, a group,
+    # or what does not parse
+    (b"To: A <a@x.org>\r\n", b"To: A <a@x.org>\r\n"),
+    (b"Subject: root\r\n", b"Subject: root\r\n"),
+    (b"Cc: undisclosed-recipients:;\r\n", b"Cc: undisclosed-recipients:;\r\n"),
+    (b"From: <\r\n", b"From: <\r\n"),
+])
+def test_local_mail_gets_qualified_header_addresses(field, want):
+    from msa.message.headers import qualify_fields
+    assert qualify_fields([field], "example.org") == [want]
