@@ -15,6 +15,8 @@ COMMANDS = {
     "edge": ("msa.process.daemon", "run the SMTP submission listeners only"),
     "watch": ("msa.process.daemon", "run the policy-stage watcher only"),
     "deliver": ("msa.process.daemon", "run the delivery runner only"),
+    "check": ("msa.admin.check", "check the configuration and the files it names"),
+    "config": ("msa.admin.check", "print the configuration (-n: what differs from the defaults)"),
     "queue": ("msa.admin.queuecmd", "list, show, delete, hold, release, flush"),
     "user": ("msa.admin.usercmd", "add, remove, list users; set a password"),
     "demo": ("msa.admin.demo", "set up and run a working loopback instance"),
@@ -29,6 +31,13 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["--version"], ["-V"]):
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            print(f"msa {version('msa')}")
+        except PackageNotFoundError:
+            print("msa (not installed: run from a checkout)")
+        return 0
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0 if argv else 64
@@ -37,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"msa: unknown command {name!r}\n{usage()}", file=sys.stderr)
         return 64
     module = importlib.import_module(COMMANDS[name][0])
-    return module.main([name, *rest]) if module.__name__ == "msa.process.daemon" else module.main(rest)
+    takes_name = module.__name__ in ("msa.process.daemon", "msa.admin.check")
+    return module.main([name, *rest]) if takes_name else module.main(rest)
 
 
 if __name__ == "__main__":

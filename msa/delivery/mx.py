@@ -132,8 +132,10 @@ def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
         host, port = text.split(":")
     else:
         host, port = text, ""
-    if port and not port.isdigit():
-        raise ValueError(f"bad port in {text!r}")
+    if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"bad port in {text!r} (1 to 65535)")
+    if not host:
+        raise ValueError(f"no host in {text!r}")
     return host, int(port) if port else default_port
 
 

@@ -151,6 +151,14 @@ def main(argv: list[str]) -> int:
     except config.ConfigError as exc:
         print(f"msa {opts.command}: {exc}", file=sys.stderr)
         return sysexits.EX_CONFIG
+    # The values `msa check` checks, before anything starts (a bad one
+    # would otherwise end a child process with a traceback).
+    from msa.admin.check import value_problems
+    problems = value_problems(cfg)
+    for problem in problems:
+        print(f"msa {opts.command}: {cfg.path}: {problem}", file=sys.stderr)
+    if problems:
+        return sysexits.EX_CONFIG
     d = cfg.daemon
     for key in ("pidfile", "user", "group", "log", "log_level"):
         value = getattr(opts, key)
