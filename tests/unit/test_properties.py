@@ -22,9 +22,9 @@ from msa.message.headers import (HeaderScanner, HeaderTooLarge,  # noqa: E402
                                  header_addresses, read_header_section)
 from msa.protocol import smtpcmd, xtext  # noqa: E402
 from msa.protocol.errors import MsaError  # noqa: E402
-from msa.protocol.smtpdata import Data, DataReader, EndOfData  # noqa: E402
 from msa.submission.sendmail_args import UsageError, parse_args  # noqa: E402
 from msa.submission.sendmail_input import MessageInput  # noqa: E402
+from tests.unit.test_smtpdata import run  # noqa: E402
 
 settings.register_profile("ci", max_examples=150, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -83,19 +83,11 @@ def test_xtext_round_trip(raw):
 
 
 def _read_data(chunks):
-    reader = DataReader(max_size=5000)
-    events, rest = [], []
-    for chunk in chunks:
-        if reader.done:
-            rest.append(chunk)     # what the command reader gets next
-        else:
-            events += reader.feed(chunk)
-    body = b"".join(e.data for e in events if isinstance(e, Data))
-    ends = [e for e in events if isinstance(e, EndOfData)]
-    ok = all(e.error is None for e in ends)
+    body, end, trailing, _ = run(chunks, max_size=5000)
+    ok = end is not None and end.error is None
     # A refused message's data is thrown away: only a good one's must agree.
-    return (body if ok else None, [(type(e.error), e.size) for e in ends],
-            reader.trailing + b"".join(rest))
+    return (body if ok else None,
+            None if end is None else (type(end.error), end.size), trailing)
 
 
 @given(SMTP_BYTES, st.lists(st.integers(0, 100), max_size=6))
@@ -104,7 +96,7 @@ def test_data_reader_does_not_depend_on_how_bytes_are_split(data, cuts):
     whole = _read_data([data])
     assert _read_data(splits(data, cuts)) == whole
     assert _read_data([data[i:i + 1] for i in range(len(data))]) == whole
-    assert whole[1], "the real end of data is always found"
+    assert whole[1] is not None, "the real end of data is always found"
 
 
 @given(SMTP_BYTES, st.lists(st.integers(0, 100), max_size=6))
