@@ -26,13 +26,19 @@ from typing import Any
 
 from msa import config, sysexits
 
-ENUMS = {
-    ("relay", "tls"): ("opportunistic", "required", "none"),
-    ("relay", "smarthost_tls"): ("opportunistic", "required", "none"),
-    ("retry", "strategy"): ("exponential", "age"),
-    ("daemon", "log_level"): ("debug", "info", "warning", "error"),
-    ("daemon", "event_loop"): ("uvloop", "asyncio"),
-}
+
+
+def _enums() -> dict[tuple[str, str], tuple[str, ...]]:
+    """The keys that take one of a few words, and the words (the modules
+    that act on them own the lists)."""
+    from msa.delivery.backoff import STRATEGIES
+    from msa.delivery.relay import TLS_MODES
+    from msa.process.daemon import EVENT_LOOPS
+    return {("relay", "tls"): TLS_MODES, ("relay", "smarthost_tls"): TLS_MODES,
+            ("retry", "strategy"): STRATEGIES,
+            ("daemon", "log_level"): ("debug", "info", "warning", "error"),
+            ("daemon", "event_loop"): EVENT_LOOPS}
+
 # Numbers that must be more than 0 (timeouts, sizes, counts); the others
 # may be 0 (0 turns them off, as msa.toml(5) says).
 POSITIVE = {
@@ -51,7 +57,7 @@ POSITIVE = {
 def value_problems(cfg: config.Config) -> list[str]:
     """What is wrong with the values themselves (no files looked at)."""
     out: list[str] = []
-    for (section, key), allowed in ENUMS.items():
+    for (section, key), allowed in _enums().items():
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             out.append(f"{section}.{key}: {value!r} is not one of {', '.join(allowed)}")

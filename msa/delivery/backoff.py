@@ -38,6 +38,9 @@ def lifetime(retry, null_sender: bool = False) -> float:
     return retry.bounce_lifetime if null_sender else retry.lifetime
 
 
+STRATEGIES = ("exponential", "age")  # [retry] strategy
+
+
 def base_delay(s, attempt: int, age: float) -> float:
     """The delay after failed attempt number ``attempt`` (1-based), before
     jitter, for a message that arrived ``age`` seconds ago. ``s`` is a
