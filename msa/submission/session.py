@@ -899,7 +899,7 @@ class SmtpSession(SMTP):
         if data:
             self._reader._buffer[0:0] = data
 
-    def _check_from(self, headers: smtpdata.HeaderCollector) -> str | None:
+    def _check_from(self, headers: HeaderCollector) -> str | None:
         """An authenticated user's From addresses must be theirs too."""
         user = self.session.auth_result
         if not user:
