@@ -44,15 +44,17 @@ Nothing is acknowledged on any error: a refused DATA leaves no file.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import inspect
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 # private: aiosmtpd's AUTH table holds _AuthMechAttr entries and has no public
 # constructor for them; goes when msa owns the SMTP server (issue 11).
 from aiosmtpd.smtp import (
+    MISSING,
     SMTP,
     AuthResult,
     TLSSetupException,
@@ -214,6 +216,12 @@ def _enhanced(line: str) -> str:
 
 
 _info = InfoWriter(log, __file__)  # the per-message line
+
+
+class PlainCredentials(NamedTuple):
+    login: bytes
+    password: bytes
+    authzid: bytes = b""
 
 
 class SmtpSession(SMTP):
@@ -636,14 +644,40 @@ class SmtpSession(SMTP):
             await self.push("500 5.5.2 Line too long")
             return
         if not result.success:
-            return                  # aiosmtpd already said 501 (bad base64, '*')
-        await self._verify(mechanism, result.auth_data.login, result.auth_data.password)
+            return                  # already answered 501 (bad base64, '*')
+        data = result.auth_data
+        await self._verify(mechanism, data.login, data.password, getattr(data, "authzid", b""))
 
-    async def _verify(self, mechanism: str, login: bytes, password: bytes) -> None:
+    async def auth_PLAIN(self, _, args: list[str]) -> AuthResult:
+        """RFC 4616: ``authzid NUL authcid NUL passwd``, in the command or
+        after an empty challenge. aiosmtpd's drops the authorization
+        identity; msa keeps it so that one other than the user (acting as
+        someone else, which msa does not offer) fails like a bad password."""
+        if len(args) == 1:
+            data = await self.challenge_auth("")
+            if data is MISSING:
+                return AuthResult(success=False)
+        else:
+            try:
+                data = base64.b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = data.split(b"\0")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        authzid, login, password = parts
+        return AuthResult(success=True, auth_data=PlainCredentials(login, password, authzid))
+
+    async def _verify(self, mechanism: str, login: bytes, password: bytes,
+                      authzid: bytes = b"") -> None:
         s = self.session
         self._arm(FOREVER)
         try:
             backend = auth_backend(self.settings.auth, s)
+            if authzid and authzid != login:
+                raise CredentialsInvalidError("authorization identity is not the user")
             user = await self.edge.verify(backend, login.decode("utf-8"),
                                           password.decode("utf-8"))
         except (CredentialsInvalidError, UnicodeDecodeError):
@@ -900,18 +934,20 @@ class SmtpSession(SMTP):
             self._reader._buffer[0:0] = data
 
     def _check_from(self, headers: HeaderCollector) -> str | None:
-        """An authenticated user's From addresses must be theirs too."""
+        """An authenticated user's From (and Sender) addresses must be
+        theirs too."""
         user = self.session.auth_result
         if not user:
             return None
         if headers.overflow:
             return "552 5.3.4 Message header section too large"
-        addresses = header_addresses(headers.headers, "From")
-        if addresses is None:
-            return "553 5.7.1 From header cannot be parsed"
-        for address in addresses:
-            if not self._owns(address):
-                return f"553 5.7.1 From address <{address}> not owned by user {user}"
+        for name in ("From", "Sender"):   # RFC 5322 §3.6.2: who wrote it, who sent it
+            addresses = header_addresses(headers.headers, name)
+            if addresses is None:
+                return f"553 5.7.1 {name} header cannot be parsed"
+            for address in addresses:
+                if not self._owns(address):
+                    return f"553 5.7.1 {name} address <{address}> not owned by user {user}"
         return None
 
     def _queue_envelope(self, size: int, qid: str, now: float) -> queuefile.Envelope:

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from tests import support
-from tests.edge_support import Edges, read_queued, send_message
+from tests.edge_support import Edges, RawClient, read_queued, send_message
 
 SMUGGLE_VARIANTS = [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r",
                     b"\r.\r", b"\r.\n", b"\n.\r", b"\r\n\x00.\r\n", b"\r\n.\x00\r\n"]
@@ -245,6 +245,40 @@ def test_a_steady_client_is_not_cut_off_and_the_deadline_caps_the_phase(tmp_path
         assert len(e.queued()) == 1
     finally:
         e.stop()
+
+
+def test_sender_header_must_be_owned_too(clean):
+    s = clean.session("alice")
+    r = send_message(s, "alice@example.org", ["b@example.test"],
+                     b"From: alice@example.org\r\nSender: carol@example.org\r\n\r\nhi\r\n")
+    assert r.startswith("553 5.7.1") and "Sender address <carol@example.org>" in r, r
+    r = send_message(s, "alice@example.org", ["b@example.test"],
+                     b"From: alice@example.org\r\nSender: <\r\n\r\nhi\r\n")
+    assert r.startswith("553 5.7.1 Sender header cannot be parsed"), r
+    assert clean.queued() == []
+    r = send_message(s, "alice@example.org", ["b@example.test"],
+                     b"From: x@alice.test\r\nSender: alice@example.org\r\n\r\nhi\r\n")
+    assert r.startswith("250"), r
+
+
+@pytest.mark.parametrize("authzid,ok", [(b"", True), (b"alice", True), (b"bob", False),
+                                        (b"admin", False)])
+@pytest.mark.parametrize("challenge", [False, True])
+def test_auth_plain_authorization_identity(clean, authzid, ok, challenge):
+    """RFC 4616: an authorization identity other than the user asks to act
+    as someone else, which msa does not offer: it fails like a bad password
+    (aiosmtpd dropped it, so "bob\\0alice\\0alice-pw" logged in as alice)."""
+    import base64
+    c = RawClient(clean.tls_port, ca=clean.ca, implicit=True)
+    c.cmd("EHLO client.test")
+    token = base64.b64encode(authzid + b"\0alice\0alice-pw").decode()
+    if challenge:
+        assert c.cmd("AUTH PLAIN").startswith("334")
+        r = c.cmd(token)
+    else:
+        r = c.cmd(f"AUTH PLAIN {token}")
+    assert r.startswith("235 2.7.0") if ok else r.startswith("535 5.7.8"), r
+    c.close()
 
 
 def test_smtp_submission_keeps_header_addresses_as_sent(clean):
