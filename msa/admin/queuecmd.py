@@ -52,21 +52,29 @@ class QueueCommandError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="list and change the mail queue")
+    p = argparse.ArgumentParser(prog=PROG, description="list and change the mail queue "
+                                "(no action: list)")
     p.add_argument("-C", "--config", help="config file (default $MSA_CONFIG, /etc/msa/msa.toml)")
-    sub = p.add_subparsers(dest="action", required=True)
-    lst = sub.add_parser("list", help="list the queue (like mailq)")
+    p.set_defaults(json=False)
+    # -C/--config is accepted after the action too (msa queue flush -C F).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-C", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="action")
+    lst = sub.add_parser("list", help="list the queue (like mailq)", parents=[common])
     lst.add_argument("--json", action="store_true", help="one JSON object per line")
-    show = sub.add_parser("show", help="print a queue file (envelope and message)")
+    show = sub.add_parser("show", help="print a queue file (envelope and message)",
+                          parents=[common])
     show.add_argument("ids", nargs=1, metavar="ID")
-    delete = sub.add_parser("delete", help="delete messages (ALL: every message)")
+    delete = sub.add_parser("delete", help="delete messages (ALL: every message)",
+                            parents=[common])
     delete.add_argument("ids", nargs="+", metavar="ID")
     delete.add_argument("--yes", action="store_true", help="confirm delete ALL")
     for name, doc in (("hold", "put messages on hold"),
                       ("release", "release held messages to active/"),
                       ("requeue", "move deferred messages to active/ now")):
-        sub.add_parser(name, help=doc).add_argument("ids", nargs="+", metavar="ID")
-    sub.add_parser("flush", help="make every deferred message due now")
+        sub.add_parser(name, help=doc, parents=[common]).add_argument(
+            "ids", nargs="+", metavar="ID")
+    sub.add_parser("flush", help="make every deferred message due now", parents=[common])
     return p
 
 
@@ -173,6 +181,7 @@ def flush_command(cfg: config.Config, verbose: bool, prog: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.action = args.action or "list"   # `msa queue` alone lists, as mailq
     cfg = config.load(args.config)
     if args.action == "flush":
         return flush_command(cfg, True, PROG)

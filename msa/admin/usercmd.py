@@ -28,10 +28,11 @@ MIN_PASSWORD = 1
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="msa user", description="Manage submission users.")
-    p.add_argument("--config", help="config file (default: $MSA_CONFIG, /etc/msa/msa.toml)")
-    # --config is accepted after the action too (``msa user list --config F``).
+    p.add_argument("-C", "--config",
+                   help="config file (default: $MSA_CONFIG, /etc/msa/msa.toml)")
+    # -C/--config is accepted after the action too (``msa user list --config F``).
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("-C", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="action", required=True)
     add = sub.add_parser("add", help="add a user", parents=[common])
     add.add_argument("name")

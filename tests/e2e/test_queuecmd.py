@@ -120,6 +120,23 @@ def test_flush_makes_deferred_due(cfg):
 
 
 def test_usage_errors(cfg):
-    assert queue(cfg).returncode == 64
     assert queue(cfg, "frobnicate").returncode == 64
     assert queue(cfg, "show").returncode == 64
+
+
+def test_no_action_lists_and_config_goes_before_or_after_the_action(cfg):
+    env = support.msa_env()
+    env.pop("MSA_CONFIG", None)
+
+    def msa(*args):
+        return subprocess.run([sys.executable, ss.MSA, *args], capture_output=True, env=env,
+                              timeout=60)
+    listed = msa("queue", "-C", str(cfg))
+    assert listed.returncode == 0 and A.encode() in listed.stdout, listed.stderr
+    assert msa("queue", "list", "-C", str(cfg)).stdout == listed.stdout
+    assert msa("queue", "--config", str(cfg), "list").stdout == listed.stdout
+    for args in (("queue", "flush", "--config", str(cfg)), ("queue", "-C", str(cfg), "flush"),
+                 ("user", "-C", str(cfg), "list"), ("user", "list", "-C", str(cfg))):
+        p = msa(*args)
+        assert p.returncode == 0, (args, p.stderr)
+    assert b"requeue" in msa("queue", "--help").stdout
