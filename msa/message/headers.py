@@ -229,15 +229,18 @@ def phrase(name: str) -> str:
     return Header(name, "utf-8", header_name="From").encode(linesep="\r\n")
 
 
+def mailbox(address: str, display: str = "") -> str:
+    """``Name <address>``, or the bare address without a name (RFC 5322
+    §3.4); the address kept as UTF-8 when it is not ASCII (RFC 6532 §3.2)."""
+    return f"{phrase(display)} <{address}>" if display else address
+
+
 def from_field(sender: str, full_name: str = "") -> bytes:
     """The ``From:`` field for local mail that has none (RFC 5322 §3.6.2
     requires one; Postfix's cleanup adds it the same way for sendmail).
-    ``sender`` is a checked address (:func:`normalize_address`), kept as
-    UTF-8 when it is not ASCII (RFC 6532 §3.2); ``full_name`` has passed
-    :func:`display_name_problem`."""
-    if not full_name:
-        return f"From: {sender}\r\n".encode("utf-8")
-    return f"From: {phrase(full_name)} <{sender}>\r\n".encode("utf-8")
+    ``sender`` is a checked address (:func:`normalize_address`);
+    ``full_name`` has passed :func:`display_name_problem`."""
+    return f"From: {mailbox(sender, full_name)}\r\n".encode("utf-8")
 
 
 ADDRESS_FIELDS = frozenset({"from", "sender", "reply-to", "to", "cc", "resent-from",
@@ -252,7 +255,6 @@ def qualify_fields(fields: list[bytes], domain: str) -> list[bytes]:
     (RFC 5322 §3.4.1). Only the address fields (:data:`ADDRESS_FIELDS`)
     that hold such a part are rewritten; a field that does not parse, or
     that holds a group, is kept byte for byte, as is every other field."""
-    from email.utils import formataddr
     out = []
     for raw in fields:
         name = field_name(raw)
@@ -265,12 +267,8 @@ def qualify_fields(fields: list[bytes], domain: str) -> list[bytes]:
                 or all("@" in addr for _, addr in pairs)):
             out.append(raw)
             continue
-        parts = []
-        for display, addr in pairs:
-            if "@" not in addr:
-                addr = f"{addr}@{domain}"
-            parts.append(formataddr((display, addr)) if addr.isascii()
-                         else (f"{phrase(display)} <{addr}>" if display else addr))
+        parts = [mailbox(addr if "@" in addr else f"{addr}@{domain}", display)
+                 for display, addr in pairs]
         head = raw.partition(b":")[0].decode("ascii")
         out.append(f"{head}: {', '.join(parts)}\r\n".encode("utf-8"))
     return out
@@ -350,8 +348,7 @@ def header_addresses(headers: bytes, name: str = "From") -> list[str] | None:
     UTF-8 (RFC 6532); invalid UTF-8 survives as surrogates and so matches
     no configured address."""
     text = headers.decode("utf-8", "surrogateescape")
-    raw = [field_value_raw(f) for f in split_fields(text.encode("utf-8", "surrogateescape"))
-           if field_name(f) == name.lower()]
+    raw = [field_value_raw(f) for f in split_fields(headers) if field_name(f) == name.lower()]
     out: list[str] = []
     try:
         msg = email.parser.HeaderParser(policy=email.policy.SMTPUTF8).parsestr(text)

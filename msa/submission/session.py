@@ -2,9 +2,9 @@
 
 aiosmtpd gives the connection plumbing we keep: the STARTTLS upgrade
 (which drops plaintext pipelined after STARTTLS, RFC 3207 §4.2 and §6),
-the AUTH PLAIN/LOGIN exchanges (its ``auth_*`` methods, used here only to
-decode credentials), and QUIT/NOOP/RSET/HELP/VRFY. We replace what must
-behave differently:
+the AUTH LOGIN exchange (its ``auth_LOGIN``, used here only to decode
+credentials; PLAIN is ours, to keep the authorization identity), and
+QUIT/NOOP/RSET/HELP/VRFY. We replace what must behave differently:
 
 - the command loop: per-command limits (:mod:`msa.protocol.smtpcmd`), CRLF-only
   command lines, a counted error budget (``421 4.7.0`` when spent), the
