@@ -66,6 +66,16 @@ class EdgeConfig:
     max_auth_failures: int = 3
     auth_failure_delay: float = 1.0
     max_connections: int = 2000
+    # Per client (an IPv4 address, an IPv6 /64), counted over every edge
+    # process (msa.submission.anvil); trusted_networks are exempt; 0 = no
+    # limit. Postfix's anvil allows 50 connections at once by default.
+    max_connections_per_client: int = 50
+    max_connection_rate_per_client: int = 300   # connections per rate_window
+    rate_window: float = 60.0
+    # Failed AUTH per client in auth_failure_window; past it AUTH answers
+    # 454 4.7.0 without checking the password (no argon2 work).
+    max_auth_failures_per_client: int = 10
+    auth_failure_window: float = 600.0
     # CIDRs whose clients may send without AUTH and as any sender
     # (Postfix's permit_mynetworks). Empty: everyone must AUTH.
     trusted_networks: list[str] = field(default_factory=list)

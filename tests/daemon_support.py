@@ -76,9 +76,10 @@ def run_python(code: str, env: dict | None = None, timeout: float = 120) -> subp
 
 
 def write_daemon_config(tmp_path: Path, ca, submission: int, submissions: int,
-                        extra: str = "") -> Path:
+                        extra: str = "", edge: str = "") -> Path:
     """A config with both listeners on loopback, the test certificate, a
-    password file, and delivery to a closed port (mail stays deferred)."""
+    password file, and delivery to a closed port (mail stays deferred).
+    ``edge``: more lines for ``[edge]``; ``extra``: more sections."""
     closed = support.free_port()
     path = tmp_path / "msa.toml"
     path.write_text(
@@ -86,7 +87,7 @@ def write_daemon_config(tmp_path: Path, ca, submission: int, submissions: int,
         f'[server]\nhostname = "msa.test"\ndomain = "example.org"\n\n'
         f'[edge]\nsubmission = ["127.0.0.1:{submission}"]\n'
         f'submissions = ["127.0.0.1:{submissions}"]\n'
-        f'certfile = "{ca.cert_pem}"\nkeyfile = "{ca.key_pem}"\n\n'
+        f'certfile = "{ca.cert_pem}"\nkeyfile = "{ca.key_pem}"\n{edge}\n'
         f'[auth]\npasswd_file = "{tmp_path / "passwd"}"\n\n'
         f'[relay]\nforce_mx = {{ "example.test" = "127.0.0.1:{closed}" }}\n'
         f'tls = "none"\nconnect_timeout = 2.0\n\n'

@@ -43,7 +43,8 @@ def _enums() -> dict[tuple[str, str], tuple[str, ...]]:
 # may be 0 (0 turns them off, as msa.toml(5) says).
 POSITIVE = {
     "edge": ("max_message_size", "max_recipients", "command_timeout", "data_timeout",
-             "max_errors", "max_auth_failures", "max_connections"),
+             "max_errors", "max_auth_failures", "max_connections", "rate_window",
+             "auth_failure_window"),
     "policies": ("max_header_bytes", "workers", "rescan_interval"),
     "relay": ("dns_timeout", "port", "connect_timeout", "command_timeout", "data_timeout",
               "idle_timeout", "max_connections", "max_connections_per_domain",

@@ -25,7 +25,9 @@ separate processes, even as different users). Invariants:
   deliver``. SIGUSR1 to a process with a runner is ``flush``.
 - A supervised child (``--supervised PID:FD``, only ever given by the
   supervisor) writes no pid file, serves no control socket, does not tidy
-  the spool (the supervisor did) and reports to the supervisor over FD.
+  the spool (the supervisor did) and reports to the supervisor over FD;
+  an edge child counts clients in the supervisor's anvil (``--anvil FD``,
+  :mod:`msa.submission.anvil`).
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # Given by the supervisor to its children only (msa.process.supervisor).
     p.add_argument("--supervised", help=argparse.SUPPRESS)
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--anvil", type=int, help=argparse.SUPPRESS)
     opts = p.parse_args(argv[1:])
     opts.command = name
     return opts
@@ -191,7 +194,7 @@ def main(argv: list[str]) -> int:
         if opts.command == "daemon" and d.processes and not opts.single_process:
             return run_loop(Supervisor(cfg, spool, child_options(cfg), cwd).serve(), cfg)
         return run_loop(Daemon(cfg, spool, COMPONENTS[opts.command], link=link,
-                               reuse_port=opts.reuse_port).serve(), cfg)
+                               reuse_port=opts.reuse_port, anvil_fd=opts.anvil).serve(), cfg)
     except config.ConfigError as exc:
         log.error("config: %s", exc)
         return sysexits.EX_CONFIG
@@ -277,9 +280,12 @@ class Daemon:
     in a child of :class:`msa.process.supervisor.Supervisor`."""
 
     def __init__(self, cfg: config.Config, spool, components: tuple[str, ...],
-                 link: ChildLink | None = None, reuse_port: bool = False):
+                 link: ChildLink | None = None, reuse_port: bool = False,
+                 anvil_fd: int | None = None):
         self.cfg, self.spool, self.components = cfg, spool, components
         self.link, self.reuse_port = link, reuse_port
+        self.anvil_fd = anvil_fd    # the supervisor's per-client counters
+        self.anvil = None
         self.edges: list = []
         self.watcher = None
         self.runner = None
@@ -295,6 +301,12 @@ class Daemon:
             from msa.submission.edge import edges_from_config
             # Several edge processes on one address: SO_REUSEPORT.
             shared = {"reuse_port": True} if self.reuse_port else {}
+            if self.anvil_fd is not None:
+                import socket
+
+                from msa.submission.anvil import AnvilClient
+                self.anvil = AnvilClient(socket.socket(fileno=self.anvil_fd))
+                shared["anvil"] = self.anvil
             self.edges = list(edges_from_config(self.cfg, self.spool, **shared))
         if "watch" in self.components:
             from msa.cleanup.watcher import Watcher
@@ -308,6 +320,8 @@ class Daemon:
 
     async def start(self) -> None:
         """Bind everything, then drop privileges."""
+        if self.anvil is not None:
+            await self.anvil.start()
         for edge in self.edges:
             await edge.start()
         if self.control is not None:

@@ -29,6 +29,10 @@ one runner. Invariants:
   edge processes first, then the others, so that once another process
   says "reloaded" the listeners already use the new settings; ``reload``
   answers after every child has acknowledged.
+- The supervisor holds the per-client counters of every edge child (the
+  anvil, :mod:`msa.submission.anvil`): each edge child gets its end of a
+  socket pair (``--anvil FD``), made anew at each start; a dead child's
+  open connections are forgotten when its end closes.
 - The supervisor serves the control socket. ``flush`` reaches the runner
   as SIGUSR1. A signal is sent to a child only after its ``R`` (before it,
   the default action of SIGHUP/SIGUSR1 would kill it; a child ignores
@@ -59,6 +63,7 @@ from dataclasses import dataclass, field
 import msa
 from msa import config, sysexits
 from msa.admin.control import ControlServer
+from msa.submission.anvil import AnvilServer
 
 log = logging.getLogger("msa.daemon")
 
@@ -188,6 +193,8 @@ class Supervisor:
         self.components = components
         self.children: list[Child] = []
         self.control: ControlServer | None = None
+        # Per-client counters for every edge child (msa.submission.anvil).
+        self.anvil = AnvilServer()
         self.started = time.time()
         self.starting = True
         self.stopping = False
@@ -206,19 +213,25 @@ class Supervisor:
         out += [Child(c, c) for c in self.components if c != "edge"]
         return out
 
-    def _argv(self, child: Child, wfd: int) -> list[str]:
+    def _argv(self, child: Child, wfd: int, anvil_fd: int | None = None) -> list[str]:
         argv = [sys.executable, "-m", "msa.cli", child.component, *self.child_args,
                 "--supervised", f"{os.getpid()}:{wfd}"]
         if child.component == "edge" and child.name != "edge":
             argv.append("--reuse-port")
+        if anvil_fd is not None:
+            argv += ["--anvil", str(anvil_fd)]
         return argv
 
     def spawn(self, child: Child) -> None:
         child.restart = None
         rfd, wfd = os.pipe()
+        # An edge child's end of a socket pair to the anvil (served here).
+        theirs = self.anvil.pair() if child.component == "edge" else None
+        fds = (wfd,) if theirs is None else (wfd, theirs.fileno())
         try:
-            child.proc = subprocess.Popen(self._argv(child, wfd), pass_fds=(wfd,),
-                                          env=self._env, cwd=self.cwd)
+            child.proc = subprocess.Popen(
+                self._argv(child, wfd, theirs.fileno() if theirs is not None else None),
+                pass_fds=fds, env=self._env, cwd=self.cwd)
         except OSError as exc:
             os.close(rfd)
             log.error("cannot start %s: %s", child.name, exc)
@@ -227,6 +240,8 @@ class Supervisor:
             return
         finally:
             os.close(wfd)
+            if theirs is not None:
+                theirs.close()
         os.set_blocking(rfd, False)
         child.rfd, child.ready, child.started = rfd, False, time.monotonic()
         child.exited = asyncio.Event()
@@ -423,6 +438,7 @@ class Supervisor:
                     child.proc.wait(0.5)
         if self.control is not None:
             await self.control.stop()
+        await self.anvil.close()
 
 
 def _status_text(code: int | None) -> str:

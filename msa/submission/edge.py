@@ -58,6 +58,7 @@ from typing import Any
 from msa.cleanup import policies
 from msa.config import Config, ConfigError, EdgeConfig
 from msa.submission import tls as tlsconf
+from msa.submission.anvil import LocalAnvil
 from msa.submission.auth import PasswdFileAuth, SenderPolicy, TrustedNetworks
 from msa.submission.session import ABORT_AFTER, SmtpSession
 from msa.submission.writer import DirSyncer, dir_syncer_for
@@ -107,6 +108,11 @@ class EdgeSettings:
     max_policy_header: int = 1024 * 1024
     data_deadline: float = _DEFAULTS.data_deadline
     min_data_rate: int = _DEFAULTS.min_data_rate
+    max_connections_per_client: int = _DEFAULTS.max_connections_per_client
+    max_connection_rate_per_client: int = _DEFAULTS.max_connection_rate_per_client
+    rate_window: float = _DEFAULTS.rate_window
+    max_auth_failures_per_client: int = _DEFAULTS.max_auth_failures_per_client
+    auth_failure_window: float = _DEFAULTS.auth_failure_window
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -137,6 +143,13 @@ class SmtpEdge:
                  max_auth_failures: int = _DEFAULTS.max_auth_failures,
                  auth_failure_delay: float = _DEFAULTS.auth_failure_delay,
                  max_connections: int = _DEFAULTS.max_connections,
+                 max_connections_per_client: int = _DEFAULTS.max_connections_per_client,
+                 max_connection_rate_per_client: int =
+                 _DEFAULTS.max_connection_rate_per_client,
+                 rate_window: float = _DEFAULTS.rate_window,
+                 max_auth_failures_per_client: int = _DEFAULTS.max_auth_failures_per_client,
+                 auth_failure_window: float = _DEFAULTS.auth_failure_window,
+                 anvil: Any = None,
                  senders: dict[str, list[str]] | SenderPolicy | None = None,
                  sender_domain: str = "", allow_login_address: bool = True,
                  require_auth: bool = True, shutdown_grace: float = 30.0,
@@ -172,7 +185,14 @@ class SmtpEdge:
             auth_failure_delay=auth_failure_delay, max_connections=max_connections,
             memory_limit=memory_limit, max_header_size=max_header_size,
             stages=_edge_stages(policies), max_policy_header=max_policy_header,
-            data_deadline=data_deadline, min_data_rate=min_data_rate)
+            data_deadline=data_deadline, min_data_rate=min_data_rate,
+            max_connections_per_client=max_connections_per_client,
+            max_connection_rate_per_client=max_connection_rate_per_client,
+            rate_window=rate_window, max_auth_failures_per_client=max_auth_failures_per_client,
+            auth_failure_window=auth_failure_window)
+        # Per-client counters: shared by the edges of a process (and, given
+        # an AnvilClient, by every edge process).
+        self.anvil = anvil if anvil is not None else LocalAnvil()
         self.policies_from_config = False
         self.dir_syncer: DirSyncer | None = None   # made by start()
         self.stopping = False
@@ -277,7 +297,8 @@ class SmtpEdge:
 
     async def verify(self, backend: Any, login: str, password: str) -> str:
         """``backend.verify_secret`` (see :func:`msa.submission.auth.auth_backend`), off the
-        event loop unless it is a coroutine function."""
+        event loop (in the process's :data:`AUTH_WORKERS` threads) unless
+        it is a coroutine function."""
         if inspect.iscoroutinefunction(backend.verify_secret):
             return await backend.verify_secret(login, password, None)
         loop = asyncio.get_running_loop()
@@ -328,7 +349,12 @@ def _limits(e: EdgeConfig) -> dict[str, Any]:
                 command_timeout=e.command_timeout, data_timeout=e.data_timeout,
                 data_deadline=e.data_deadline, min_data_rate=e.min_data_rate,
                 max_errors=e.max_errors, max_auth_failures=e.max_auth_failures,
-                auth_failure_delay=e.auth_failure_delay, max_connections=e.max_connections)
+                auth_failure_delay=e.auth_failure_delay, max_connections=e.max_connections,
+                max_connections_per_client=e.max_connections_per_client,
+                max_connection_rate_per_client=e.max_connection_rate_per_client,
+                rate_window=e.rate_window,
+                max_auth_failures_per_client=e.max_auth_failures_per_client,
+                auth_failure_window=e.auth_failure_window)
 
 
 def config_policies(cfg: Config) -> list | None:
@@ -348,13 +374,16 @@ def _sender_policy(cfg: Config) -> SenderPolicy:
     return SenderPolicy(cfg.auth.senders, cfg.domain, cfg.auth.allow_login_address)
 
 
-def edges_from_config(cfg: Config, spool: Spool, reuse_port: bool = False) -> list[SmtpEdge]:
+def edges_from_config(cfg: Config, spool: Spool, reuse_port: bool = False,
+                      anvil: Any = None) -> list[SmtpEdge]:
     """The submission (STARTTLS) and submissions (implicit TLS) listeners
     of ``[edge]``, one :class:`SmtpEdge` per address; they share the TLS
     context, the password file and (per process) the incoming/ group
     commit of directory fsyncs. With
     ``reuse_port`` several processes may each run these edges on the same
-    addresses (SO_REUSEPORT: the kernel spreads connections over them)."""
+    addresses (SO_REUSEPORT: the kernel spreads connections over them),
+    and should then share an ``anvil`` (:class:`msa.submission.anvil.AnvilClient`);
+    without one the edges of this call share a :class:`LocalAnvil`."""
     e = cfg.edge
     if not (e.submission or e.submissions):
         return []
@@ -367,7 +396,7 @@ def edges_from_config(cfg: Config, spool: Spool, reuse_port: bool = False) -> li
     common = dict(tls=ctx, auth_class=PasswdFileAuth(cfg.auth.passwd_file),
                   hostname=cfg.server.hostname, senders=_sender_policy(cfg),
                   trusted_networks=trusted_networks(e), reuse_port=reuse_port,
-                  policies=config_policies(cfg),
+                  policies=config_policies(cfg), anvil=anvil or LocalAnvil(),
                   max_policy_header=cfg.policies.max_header_bytes, **_limits(e))
     edges = [SmtpEdge(parse_listen(a), spool, **common) for a in e.submission]
     edges += [SmtpEdge(parse_listen(a), spool, tls_immediately=True, **common)

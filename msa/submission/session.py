@@ -70,6 +70,7 @@ from msa.message.headers import header_addresses
 from msa.protocol import smtpcmd, smtpdata
 from msa.protocol.errors import MsaError
 from msa.submission import tls as tlsconf
+from msa.submission.anvil import client_key, hash_gate
 from msa.submission.auth import CredentialsInvalidError, auth_backend
 from msa.submission.validators import Reply, SmtpValidators, enhance
 from msa.submission.writer import (
@@ -235,6 +236,8 @@ class SmtpSession(SMTP):
         self._refused = False
         self._idle = False
         self._registered = False
+        self._anvil_key: str | None = None
+        self._anvil_reply: asyncio.Future | None = None
         self.validators: SmtpValidators | None = None
         self._hooks = _NO_TABLE
         self._deadline = 0.0
@@ -296,11 +299,18 @@ class SmtpSession(SMTP):
         super().connection_made(transport)
         if first:
             self._implicit_tls = self.settings.implicit_tls
-            self._refused = not self.edge._register(self)
-            self._registered = not self._refused
         if self._tls_active():
             self.session.tls = tlsconf.describe(self.transport.get_extra_info("ssl_object"))
         self.session.trusted = self.edge.is_trusted(self.session.client_ip)
+        if first:
+            self._refused = not self.edge._register(self)
+            self._registered = not self._refused
+            if self._registered and not self.session.trusted:
+                # Counted before the greeting, by every edge process's
+                # anvil (msa.submission.anvil); trusted clients are not.
+                self._anvil_key = client_key(self.session.client_ip)
+                self._anvil_reply = self.edge.anvil.connect(self._anvil_key,
+                                                            self.settings.rate_window)
         cls = self.settings.validator_class
         if cls is not None and cls is not SmtpValidators:
             # The base class's hooks all accept: nothing to make or call.
@@ -317,6 +327,9 @@ class SmtpSession(SMTP):
         if self._registered:
             self._registered = False
             self.edge._unregister(self)
+        if self._anvil_key is not None:
+            self.edge.anvil.disconnect(self._anvil_key)
+            self._anvil_key = None
         super().connection_lost(error)
 
     def eof_received(self) -> bool:
@@ -444,6 +457,23 @@ class SmtpSession(SMTP):
             await result
         return reply
 
+    def _client_limit(self, counts: tuple[int, int] | None) -> str | None:
+        """What is wrong with this client's (open, opened this window)
+        connection counts, if anything (None: the anvil did not answer)."""
+        if counts is None:
+            return None
+        n_open, rate = counts
+        s = self.settings
+        if s.max_connections_per_client and n_open > s.max_connections_per_client:
+            log.warning("connection concurrency limit exceeded: %d from %s",
+                        n_open, self._client())
+            return "too many connections from your address"
+        if s.max_connection_rate_per_client and rate > s.max_connection_rate_per_client:
+            log.warning("connection rate limit exceeded: %d from %s in %gs",
+                        rate, self._client(), s.rate_window)
+            return "too many connections from your address; try again later"
+        return None
+
     async def _close_with(self, line: str) -> None:
         await self._push_raw(line)
         self._close_transport()
@@ -456,6 +486,11 @@ class SmtpSession(SMTP):
         if self._refused:
             await self._close_with(f"421 4.7.0 {self.hostname} Error: too many connections")
             return
+        if self._anvil_reply is not None:
+            over = self._client_limit(await self._anvil_reply)
+            if over:
+                await self._close_with(f"421 4.7.0 {self.hostname} Error: {over}")
+                return
         if "banner" in self._hooks:
             reply = Reply("220", f"{self.hostname} ESMTP msa")
             await self._hook("banner", reply, self.session.peer)
@@ -674,19 +709,29 @@ class SmtpSession(SMTP):
                       authzid: bytes = b"") -> None:
         s = self.session
         self._arm(FOREVER)
-        try:
-            backend = auth_backend(self.settings.auth, s)
-            if authzid and authzid != login:
-                raise CredentialsInvalidError("authorization identity is not the user")
-            user = await self.edge.verify(backend, login.decode("utf-8"),
-                                          password.decode("utf-8"))
-        except (CredentialsInvalidError, UnicodeDecodeError):
-            user = None
-        except Exception:
-            log.exception("authentication backend failed for %s", self._client())
-            self._arm(self.settings.command_timeout)
-            await self.push("454 4.7.0 Temporary authentication failure")
-            return
+        # One check at a time per client in this process (HashGate): the
+        # budget is read and a failure counted inside the turn.
+        async with hash_gate.turn(self._anvil_key):
+            if await self._auth_blocked():
+                self._arm(self.settings.command_timeout)
+                await self.push("454 4.7.0 Too many failed logins from your address; "
+                                "try again later")
+                return
+            try:
+                backend = auth_backend(self.settings.auth, s)
+                if authzid and authzid != login:
+                    raise CredentialsInvalidError("authorization identity is not the user")
+                user = await self.edge.verify(backend, login.decode("utf-8"),
+                                              password.decode("utf-8"))
+            except (CredentialsInvalidError, UnicodeDecodeError):
+                user = None
+            except Exception:
+                log.exception("authentication backend failed for %s", self._client())
+                self._arm(self.settings.command_timeout)
+                await self.push("454 4.7.0 Temporary authentication failure")
+                return
+            if user is None:
+                await self._count_auth_failure()
         if user is None:
             self._failed_logins += 1
             log.warning("%s: SASL %s authentication failed: user=%s", self._client(),
@@ -706,6 +751,27 @@ class SmtpSession(SMTP):
             s.senders = self.edge.senders_for(backend, user)
             log.info("%s: sasl_method=%s, sasl_username=%s", self._client(), mechanism, user)
         await self.push(reply.line())
+
+    async def _auth_blocked(self) -> bool:
+        """This client spent its failed-AUTH budget in the current window
+        (every edge process counts; trusted clients have none)."""
+        s = self.settings
+        if self._anvil_key is None or not s.max_auth_failures_per_client:
+            return False
+        failures = await self.edge.anvil.auth_failures(self._anvil_key,
+                                                       s.auth_failure_window)
+        return failures is not None and failures >= s.max_auth_failures_per_client
+
+    async def _count_auth_failure(self) -> None:
+        s = self.settings
+        if self._anvil_key is None or not s.max_auth_failures_per_client:
+            return
+        failures = await self.edge.anvil.auth_failed(self._anvil_key, s.auth_failure_window)
+        if failures == s.max_auth_failures_per_client:
+            # Exactly once per window, whichever process counted it.
+            log.warning("%s: SASL authentication blocked: %d failed logins from %s; "
+                        "AUTH refused for up to %gs", self._client(), failures,
+                        self._anvil_key, s.auth_failure_window)
 
     def _owns(self, address: str) -> bool:
         user = self.session.auth_result

@@ -139,7 +139,8 @@ def test_burst_of_connects_is_greeted(tmp_path):
     port = support.free_port()
     t = EdgeThread()
     t.start(lambda: SmtpEdge(("127.0.0.1", port), Spool(tmp_path / "spool", ["incoming"]),
-                             require_auth=False, hostname="msa.test", max_connections=1000))
+                             require_auth=False, hostname="msa.test", max_connections=1000,
+                             max_connections_per_client=0))
     gate = threading.Event()
     t.loop.call_soon_threadsafe(gate.wait, 60)      # the loop accepts nothing meanwhile
     socks = []
