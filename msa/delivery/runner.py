@@ -48,12 +48,23 @@ from msa.delivery.relay import BytesMessage, FileMessage, RcptResult, relay_from
 from msa.fastlog import InfoWriter
 from msa.message.dsn import DsnRequest, RecipientReport, build_dsn, dsn_envelope
 from msa.message.queuefile import Envelope, QueueFileError, check_size, envelope_of, parse_iso
-from spool import DueIndex, GroupSync, Spool, StageWatcher, fsync_dir, id_time, new_id, valid_name
+from spool import (
+    DueIndex,
+    GroupSync,
+    Spool,
+    SpoolError,
+    StageWatcher,
+    fsync_dir,
+    id_time,
+    new_id,
+    valid_name,
+)
 
 log = logging.getLogger("msa.runner")
 
 COPY_CHUNK = 1 << 20
 MAX_BUSY = 10000
+INFINITY = float("inf")
 # A queue file up to this size is read whole with one read(2) and sent
 # from memory; a larger one is read through a file object and streamed.
 READ_WHOLE = 65536
@@ -87,6 +98,9 @@ class Runner:
         self._unread: list[tuple[str, str]] = []   # read by readable(), not queued yet
         self._notes: list[tuple[str, float]] | None = None
         self._busy: dict[str, int] = {}
+        # Messages whose deferral could not be written at all (a full
+        # disk): name -> (stage, due, attempt), kept back until due.
+        self._held: dict[str, tuple[str, float, int]] = {}
         self._next_wake = 0.0             # when the due feeder looks again
         self._retry_tasks: set[asyncio.Task] = set()
         self._dir_syncs: dict[str, GroupSync] = {}
@@ -194,16 +208,21 @@ class Runner:
 
     def _offer(self, stage: str, name: str) -> None:
         """:meth:`_submit` for a queue known to have room."""
-        if name not in self.pending and _valid_name(name):
+        if name not in self.pending and _valid_name(name) and not self._kept_back(name):
             self.pending.add(name)
             self._queue.put_nowait((stage, name))
 
     async def _submit(self, stage: str, name: str) -> bool:
-        if name in self.pending or not _valid_name(name):
+        if name in self.pending or not _valid_name(name) or self._kept_back(name):
             return False
         self.pending.add(name)
         await self._queue.put((stage, name))
         return True
+
+    def _kept_back(self, name: str) -> bool:
+        """A held message (see :meth:`_record_failed`) before its time."""
+        held = self._held.get(name)
+        return held is not None and held[1] > self.clock()
 
     async def _feed_active(self) -> None:
         """The backlog of ``active/`` first, then what inotify reports, and a
@@ -246,6 +265,8 @@ class Runner:
                 last_scan = loop.time()
             now = self.clock()
             items = await self._collect_due(now)
+            items += [(stage, name) for name, (stage, due, _) in self._held.items()
+                      if due <= now and name not in self.pending]
             fresh = 0
             for stage, name in items:
                 fresh += await self._submit(stage, name)
@@ -257,6 +278,7 @@ class Runner:
             else:
                 delay = 0.0 if items else min(
                     self.due.next_due() - now,
+                    min((due for _, due, _ in self._held.values()), default=INFINITY) - now,
                     last_scan + self.retry.scan_interval - loop.time(), 3600.0)
                 delay = max(0.0, delay)
                 self._next_wake = now + delay
@@ -349,13 +371,12 @@ class Runner:
                 try:
                     await self._deliver(claim, f, env, offset, qid, message)
                 except Exception:
-                    # A bug or an I/O error: leave the message for later
-                    # rather than retrying it in a tight loop.
+                    # A bug: leave the message for later rather than
+                    # retrying it in a tight loop.
                     log.exception("%s: delivery failed unexpectedly; deferred", qid)
                     if os.path.lexists(claim.fspath):
-                        due = self.clock() + self.retry.min_delay
-                        await asyncio.to_thread(claim.defer, due, env.attempt_count + 1)
-                        self._note_due(f"deferred/{env.attempt_count + 1}", due)
+                        await self._defer_as_is(claim, qid, self._attempt(env, claim, qid),
+                                                self.clock() + self.retry.min_delay)
         finally:
             claim.release()
 
@@ -386,7 +407,7 @@ class Runner:
         """One attempt: relay, then do what :func:`outcome.decide` says."""
         start = self.clock()
         arrival = _arrival(env, qid, start)
-        attempt = env.attempt_count + 1
+        attempt = self._attempt(env, claim, qid)
         todo = env.pending()
         if not todo:
             await self._finish(claim, qid)
@@ -414,15 +435,61 @@ class Runner:
                          "dropped (%s)", qid, rcpt.address, res.reply)
         for reports, what in ((out.bounce, "non-delivery"), (out.warn, "delay")):
             if reports:
-                dsn_qid = await asyncio.to_thread(self._spool_dsn, new, f, offset, qid,
-                                                  reports, arrival, now)
+                try:
+                    dsn_qid = await asyncio.to_thread(self._spool_dsn, new, f, offset, qid,
+                                                      reports, arrival, now)
+                except (OSError, SpoolError) as exc:
+                    # Not recorded either: the next attempt reports again.
+                    await self._record_failed(claim, qid, attempt,
+                                              now + self.retry.min_delay, exc)
+                    return
                 log.info("%s: sender %s notification: %s", qid, what, dsn_qid)
         if out.remove:
             await self._finish(claim, qid)
         else:
-            await asyncio.to_thread(self._rewrite_and_defer, claim, f, new, offset, out.due,
-                                    attempt)
+            try:
+                await asyncio.to_thread(self._rewrite_and_defer, claim, f, new, offset,
+                                        out.due, attempt)
+            except (OSError, SpoolError) as exc:
+                await self._record_failed(claim, qid, attempt, out.due, exc)
+                return
             self._note_due(f"deferred/{attempt}", out.due)
+
+    def _attempt(self, env: Envelope, claim, qid: str) -> int:
+        """This attempt's number: one more than the file records, or than
+        its ``deferred/<N>/`` says, or than a held message was at (the
+        last two differ from the file when its results could not be
+        written: :meth:`_record_failed`)."""
+        held = self._held.pop(qid, None)
+        stage_n = claim.stage.rpartition("/")[2]
+        return max(env.attempt_count, int(stage_n) if stage_n.isdigit() else 0,
+                   held[2] if held else 0) + 1
+
+    async def _record_failed(self, claim, qid: str, attempt: int, due: float,
+                             exc: Exception) -> None:
+        """The new version of the file could not be written (a full disk,
+        an I/O error): the file stays as it was, and the message backs off
+        as if it had been: see :meth:`_defer_as_is`. One line per attempt,
+        so once per message per retry interval, and no traceback."""
+        where = await self._defer_as_is(claim, qid, attempt, due)
+        log.warning("%s: cannot record delivery attempt %d: %s; the message stays in %s "
+                    "unchanged, next try in %.0fs", qid, attempt,
+                    getattr(exc, "strerror", None) or exc, where, max(0.0, due - self.clock()))
+
+    async def _defer_as_is(self, claim, qid: str, attempt: int, due: float) -> str:
+        """Move the file unchanged to ``deferred/<attempt>/`` with mtime =
+        due (a rename needs no space, the directory's number keeps the
+        count); if even that fails, keep it where it is and out of the
+        work queue until due. Returns the stage it is in."""
+        try:
+            await asyncio.to_thread(claim.defer, due, attempt)
+        except OSError:
+            self._held[qid] = (claim.stage, due, attempt)
+            if due < self._next_wake:
+                self._wake_due.set()
+            return claim.stage
+        self._note_due(claim.stage, due)
+        return claim.stage
 
     async def _finish(self, claim, qid: str) -> None:
         """Remove the file; the directory fsync that makes the removal
