@@ -52,11 +52,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import os
 import queue
 import select
+import shutil
 import signal
+import stat
 import threading
 import time
 from typing import BinaryIO, Iterator
@@ -80,6 +83,10 @@ CRASH_AFTER_PARTS_ENV = "MSA_TEST_CRASH_AFTER_PARTS"
 # The first read of a queue file: envelope, headers and (for most
 # messages) the whole body in one read(2).
 HEAD_READ = 65536
+COPY_CHUNK = 1 << 20
+# open(2) errors that a maildrop entry itself causes, every time: a socket
+# or device (ENXIO, ENODEV, EOPNOTSUPP), a file the watcher may not read.
+NEVER_OPENS = (errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP, errno.EACCES, errno.EPERM)
 
 
 class Head:
@@ -153,6 +160,7 @@ class Watcher:
         self._wake_r: int | None = None
         self._wake_w: int | None = None
         self._crash_after = int(os.environ.get(CRASH_AFTER_PARTS_ENV, "0") or 0)
+        self._reported: set[tuple[str, int]] = set()   # maildrop entries left in place
         self._parts_committed = 0
 
     def reload(self, cfg: Config) -> None:
@@ -274,21 +282,34 @@ class Watcher:
             claim.release()
 
     def _refuse_unclaimed(self, name: str, reason: str) -> None:
+        """A name sendmail never makes: nothing else can claim it."""
+        path = self.spool.fspath("maildrop", name)
         try:
-            self.spool.quarantine("maildrop", name, reason)
+            f, _ = maildrop.open_untrusted(path)
+        except maildrop.Refused as exc:
+            self._refuse(name, f"{reason}; {exc}")
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            if exc.errno in NEVER_OPENS:
+                self._refuse(name, f"{reason}; cannot open: {exc.strerror}")
+        else:
+            with f:
+                self._refuse(name, reason, f)
 
     def _pickup_claimed(self, claim: Claim) -> str | None:
         try:
             f, st = maildrop.open_untrusted(claim.path)
         except maildrop.Refused as exc:
-            claim.quarantine(str(exc))
+            self._refuse(claim.qid, str(exc))
             return None
         except FileNotFoundError:
             return None
         except OSError as exc:
-            log.warning("maildrop/%s: cannot open: %s (left in place)", claim.qid, exc)
+            if exc.errno in NEVER_OPENS:
+                self._refuse(claim.qid, f"cannot open: {exc.strerror}")
+            else:   # EMFILE, EIO ...: ours, not the file's; try again later
+                log.warning("maildrop/%s: cannot open: %s (left in place)", claim.qid, exc)
             return None
         with f:
             try:
@@ -296,12 +317,70 @@ class Watcher:
                 env, offset = maildrop.read_untrusted(f, user, self.cfg.domain)
                 qid = self._copy_checked(env, f, offset)
             except maildrop.Refused as exc:
-                claim.quarantine(str(exc))
+                self._refuse(claim.qid, str(exc), f)
                 return None
         claim.done()
         log.info("%s: uid=%s from=<%s> nrcpt=%d (maildrop/%s)", qid, env.local_uid,
                  env.sender, len(env.recipients), claim.qid)
         return qid
+
+    def _refuse(self, name: str, reason: str, f: BinaryIO | None = None) -> None:
+        """A maildrop entry that will not be taken, handled once: a
+        regular file (``f``, open) is copied to ``corrupt/`` as a file of
+        the spool's owner, mode 0600 (the submitter can neither read nor
+        change it there; at most ``max_message_size`` + 1 MiB is kept),
+        then removed; anything else is removed without being read (a
+        symlink, a FIFO, a socket, a device, a hard link to someone else's
+        file: its name in maildrop/ only); a directory is removed with what
+        it holds, or, when that is not permitted, left in maildrop/ and
+        reported once. Nothing a user made is ever moved into corrupt/,
+        where it would stay theirs."""
+        path = self.spool.fspath("maildrop", name)
+        try:
+            if f is not None:
+                kept, whole = self._copy_refused(name, f)
+                os.unlink(path)
+                log.warning("maildrop/%s refused: %s; %s kept as corrupt/%s (mode 0600)",
+                            name, reason, "the file" if whole else "its beginning", kept)
+                return
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(path)     # fd-based: never follows a link inside
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if (name, st.st_ino) not in self._reported:
+                if len(self._reported) >= 4096:
+                    self._reported.clear()
+                self._reported.add((name, st.st_ino))
+                log.warning("maildrop/%s refused: %s; cannot remove it: %s (left in place, "
+                            "not reported again)", name, reason, exc.strerror or exc)
+            return
+        log.warning("maildrop/%s refused: %s; removed", name, reason)
+
+    def _copy_refused(self, name: str, f: BinaryIO) -> tuple[str, bool]:
+        """Copy an open refused file into corrupt/; (its name there, whole?)."""
+        limit = self.cfg.edge.max_message_size + (1 << 20)
+        dest = name if spoollib.valid_name(name) else spoollib.new_id()
+        if os.path.lexists(self.spool.fspath("corrupt", dest)):
+            dest = spoollib.new_id()
+        with self.spool.writer("corrupt", qid=dest, mode=0o600) as w:
+            f.seek(0)
+            left = limit
+            while left > 0:
+                chunk = f.read(min(COPY_CHUNK, left))
+                if not chunk:
+                    break
+                w.write(chunk)
+                left -= len(chunk)
+            whole = left > 0 or not f.read(1)
+            w.commit()
+        return dest, whole
 
     def _copy_checked(self, env: Envelope, f: BinaryIO, offset: int) -> str:
         with self.spool.writer("incoming") as w:

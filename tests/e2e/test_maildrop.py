@@ -1,4 +1,5 @@
-"""maildrop/ is untrusted: planted files go to corrupt/, the owner is the
+"""maildrop/ is untrusted: a refused file is kept in corrupt/ as a file of
+the spool's owner (anything else planted is removed), the owner is the
 submitter, the watcher survives everything and goes on."""
 
 from __future__ import annotations
@@ -6,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import socket
+import stat
+import subprocess
 import threading
 
 import pytest
@@ -114,37 +118,82 @@ def test_planted_files_are_refused_and_the_watcher_goes_on(tmp_path, caplog):
     os.symlink(secret, sp.path("maildrop", "symlink"))
     os.link(secret, sp.path("maildrop", "hardlink"))
     good_file = queue_file(["bob@example.test"], MESSAGE)
-    _plant(sp, "truncated", good_file[:-5])
-    _plant(sp, "notmessage", b"hello, this is not a queue file\r\n")
-    _plant(sp, "bareLF", queue_file(["b@x.test"], b"Subject: x\n\nbody\n.\nMAIL FROM:<x>\n"))
-    _plant(sp, "norcpt", queue_file([], MESSAGE))
-    _plant(sp, "badrcpt", queue_file(["a@b@c"], MESSAGE))
-    os.mkdir(sp.path("maildrop", "directory"))
+    planted_files = {
+        "truncated": good_file[:-5],
+        "notmessage": b"hello, this is not a queue file\r\n",
+        "bareLF": queue_file(["b@x.test"], b"Subject: x\n\nbody\n.\nMAIL FROM:<x>\n"),
+        "norcpt": queue_file([], MESSAGE),
+        "badrcpt": queue_file(["a@b@c"], MESSAGE),
+        "bad.name": good_file,
+    }
+    for name, data in planted_files.items():
+        _plant(sp, name, data)
+    directory = sp.path("maildrop", "directory")
+    os.mkdir(directory)
+    os.symlink(secret, os.path.join(directory, "inside"))
+    os.chown(directory, NOBODY.pw_uid, -1)
     os.mkfifo(sp.path("maildrop", "fifo"))
-    _plant(sp, "bad.name", good_file)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(sp.path("maildrop", "socket")))
     with caplog.at_level("INFO"):
         running = _Running(cfg, sp)
         try:
-            planted = {"symlink", "hardlink", "truncated", "notmessage", "bareLF", "norcpt",
-                       "badrcpt", "directory", "fifo", "bad.name"}
-            support.wait_for(lambda: set(sp.names("corrupt")) == planted,
-                             what="every planted file in corrupt/")
+            support.wait_for(lambda: list(sp.names("maildrop")) == [],
+                             what="every planted entry handled")
             # The watcher is still alive and takes a good message after them.
             _plant(sp, "good", good_file)
             active = support.wait_for(lambda: list(sp.names("active")), what="good message")
         finally:
             running.stop()
-    assert list(sp.names("maildrop")) == [] and list(sp.names("incoming")) == []
-    # Neither was followed: the target is untouched, the links moved as links.
-    assert secret.read_bytes().endswith(b"secret\r\n")
-    assert os.stat(sp.path("corrupt", "hardlink")).st_ino == os.stat(secret).st_ino
-    assert os.path.islink(sp.path("corrupt", "symlink"))
+            sock.close()
+    assert list(sp.names("incoming")) == []
+    # Regular files are kept in corrupt/ as the spool owner's, mode 0600,
+    # byte for byte; a name sendmail never makes gets a fresh one.
+    kept = {name: (sp.root / "corrupt" / name) for name in sp.names("corrupt")}
+    assert len(kept) == len(planted_files)
+    contents = sorted(path.read_bytes() for path in kept.values())
+    assert contents == sorted(planted_files.values())
+    assert set(planted_files) - {"bad.name"} < set(kept) and "bad.name" not in kept
+    for path in kept.values():
+        st = os.lstat(path)
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+        assert (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid())
+    # Links, the FIFO, the socket and the directory are gone, not moved:
+    # nothing the user made (and could still change) is in corrupt/. The
+    # targets are untouched.
+    assert secret.read_bytes().endswith(b"secret\r\n") and os.stat(secret).st_nlink == 1
     env, message = load_all(sp, "active")[active[0]]
     assert env.local_user == "nobody" and env.origin == "local"
     assert message.startswith(f"Received: by msa.test (msa, from userid {NOBODY.pw_uid})".encode())
     for reason in ("a symbolic link", "has 2 hard links", "not a regular file",
-                   "bare LF in message", "no recipients", "bad address"):
+                   "bare LF in message", "no recipients", "bad address",
+                   "maildrop/socket refused: cannot open: No such device or address; removed",
+                   "maildrop/directory refused: not a regular file"):
         assert reason in caplog.text, reason
+    # Each handled once.
+    assert caplog.text.count("maildrop/socket refused") == 1
+
+
+def test_an_entry_that_cannot_be_removed_is_reported_once(tmp_path, caplog):
+    """A directory the watcher may not empty (here: its user made it
+    immutable) stays in maildrop/; it is reported at the first pass only."""
+    cfg = make_cfg(tmp_path)
+    sp = open_spool(cfg)
+    directory = sp.path("maildrop", "stuck")
+    os.mkdir(directory)
+    (directory / "x").write_bytes(b"x")
+    if subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not possible on this filesystem")
+    try:
+        w = Watcher(cfg, sp)
+        with caplog.at_level("INFO"):
+            for _ in range(3):
+                w.drain()
+        assert caplog.text.count("maildrop/stuck refused") == 1, caplog.text
+        assert "left in place, not reported again" in caplog.text
+        assert list(sp.names("corrupt")) == []
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=False)
 
 
 def test_identity_comes_from_the_owner_not_the_file(tmp_path):
