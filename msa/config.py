@@ -37,6 +37,9 @@ class ConfigError(Exception):
 @dataclass
 class SpoolConfig:
     root: str = "var/spool"
+    # Days a quarantined file stays in corrupt/ before `msa queue
+    # purge-corrupt` removes it; 0: until removed by hand.
+    corrupt_max_age: float = 30.0
 
 
 @dataclass

@@ -67,7 +67,7 @@ def value_problems(cfg: config.Config) -> list[str]:
             value = getattr(getattr(cfg, section), key)
             if not value > 0:
                 out.append(f"{section}.{key}: {value!r} must be more than 0")
-    for section in ("edge", "retry", "daemon"):
+    for section in ("spool", "edge", "retry", "daemon"):
         for f in dataclasses.fields(getattr(cfg, section)):
             value = getattr(getattr(cfg, section), f.name)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:

@@ -10,6 +10,10 @@
     msa queue release ID...         hold/ -> active/
     msa queue requeue ID...         deferred/<N>/ -> active/ (retry now)
     msa queue flush                 every deferred message due now
+    msa queue corrupt [--json]      what is in corrupt/ (quarantined files)
+    msa queue purge-corrupt [--older-than DAYS | --all]
+                                    remove quarantined files older than
+                                    [spool] corrupt_max_age days
 
 Invariants:
 
@@ -30,12 +34,13 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import time
 
-from msa import config, sysexits
+from msa import config, logsafe, sysexits
 from msa.admin.control import send_control
 from msa.admin.mailq import list_queue
 from msa.store import open_spool
@@ -75,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=doc, parents=[common]).add_argument(
             "ids", nargs="+", metavar="ID")
     sub.add_parser("flush", help="make every deferred message due now", parents=[common])
+    bad = sub.add_parser("corrupt", help="list quarantined files (corrupt/)", parents=[common])
+    bad.add_argument("--json", action="store_true", help="one JSON object per line")
+    purge = sub.add_parser("purge-corrupt", parents=[common],
+                           help="remove quarantined files older than [spool] corrupt_max_age")
+    age = purge.add_mutually_exclusive_group()
+    age.add_argument("--older-than", type=float, metavar="DAYS",
+                     help="instead of [spool] corrupt_max_age")
+    age.add_argument("--all", action="store_true", help="whatever their age")
     return p
 
 
@@ -116,6 +129,56 @@ def delete_all(cfg: config.Config, spool: Spool) -> int:
             if claim is not None:
                 claim.done()
                 count += 1
+    return count
+
+
+def corrupt_entries(spool: Spool, now: float | None = None) -> list[dict]:
+    """What is in corrupt/, oldest first: name, size, mtime, age in days."""
+    now = time.time() if now is None else now
+    out = []
+    with os.scandir(spool.root / "corrupt") as it:
+        for entry in it:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            out.append({"name": entry.name, "size": st.st_size, "mtime": st.st_mtime,
+                        "age_days": round((now - st.st_mtime) / 86400, 2)})
+    return sorted(out, key=lambda e: e["mtime"])
+
+
+def list_corrupt(spool: Spool, out, as_json: bool = False) -> int:
+    entries = corrupt_entries(spool)
+    for e in entries:
+        if as_json:
+            out.write(json.dumps(e) + "\n")
+        else:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["mtime"]))
+            out.write(f"{logsafe.escape(e['name']):<40} {e['size']:>10} {when}\n")
+    if not as_json:
+        total = sum(e["size"] for e in entries)
+        out.write(f"-- {total // 1024} Kbytes in {len(entries)} quarantined files.\n"
+                  if entries else "corrupt/ is empty\n")
+    return len(entries)
+
+
+def purge_corrupt(spool: Spool, older_than_days: float, now: float | None = None) -> int:
+    """Remove the files of corrupt/ last changed more than
+    ``older_than_days`` ago; returns how many."""
+    now = time.time() if now is None else now
+    count = 0
+    for e in corrupt_entries(spool, now):
+        if now - e["mtime"] < older_than_days * 86400:
+            break
+        path = spool.root / "corrupt" / e["name"]
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)     # left by an older msa
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            continue
+        count += 1
     return count
 
 
@@ -191,6 +254,18 @@ def run(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"{PROG}: {problem}", file=sys.stderr)
         return sysexits.EX_NOPERM if problems else sysexits.EX_OK
+    if args.action == "corrupt":
+        list_corrupt(spool, sys.stdout, args.json)
+        return sysexits.EX_OK
+    if args.action == "purge-corrupt":
+        days = 0.0 if args.all else (cfg.spool.corrupt_max_age if args.older_than is None
+                                     else args.older_than)
+        if days <= 0 and not args.all:
+            raise QueueCommandError("[spool] corrupt_max_age is 0 (keep forever): "
+                                    "give --older-than DAYS or --all", sysexits.EX_USAGE)
+        n = purge_corrupt(spool, days)
+        print(f"{PROG}: Deleted: {n} quarantined file{'' if n == 1 else 's'}", file=sys.stderr)
+        return sysexits.EX_OK
     if args.action == "show":
         sys.stdout.flush()
         show(spool, args.ids[0], sys.stdout.buffer)

@@ -4,6 +4,7 @@ flush, unknown ids and busy (claimed) messages."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -140,3 +141,41 @@ def test_no_action_lists_and_config_goes_before_or_after_the_action(cfg):
         p = msa(*args)
         assert p.returncode == 0, (args, p.stderr)
     assert b"requeue" in msa("queue", "--help").stdout
+
+
+def test_corrupt_list_and_purge_by_age(cfg):
+    root = ss.spool_root(cfg)
+    now = time.time()
+    for name, days in (("old1", 40), ("old2", 31), ("young", 2)):
+        path = root / "corrupt" / name
+        path.write_bytes(b"x" * 100)
+        os.utime(path, (now - days * 86400, now - days * 86400))
+    r = queue(cfg, "corrupt", "--json")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in r.stdout.decode().splitlines()]
+    assert [(x["name"], x["size"], int(x["age_days"])) for x in recs] == [
+        ("old1", 100, 40), ("old2", 100, 31), ("young", 100, 2)]
+    text = queue(cfg, "corrupt").stdout.decode()
+    assert text.splitlines()[0].startswith("old1 ") and "in 3 quarantined files" in text
+    # The default age limit, [spool] corrupt_max_age, is 30 days.
+    r = queue(cfg, "purge-corrupt")
+    assert r.returncode == 0 and b"Deleted: 2 quarantined files" in r.stderr, r.stderr
+    assert sorted(os.listdir(root / "corrupt")) == ["young"]
+    r = queue(cfg, "purge-corrupt", "--older-than", "1")
+    assert b"Deleted: 1 quarantined file\n" in r.stderr
+    assert os.listdir(root / "corrupt") == []
+    assert queue(cfg, "corrupt").stdout == b"corrupt/ is empty\n"
+    # Other stages are never touched.
+    assert where(cfg, A) == "active" and where(cfg, B) == "deferred/1"
+
+
+def test_purge_corrupt_with_keep_forever(tmp_path):
+    path = ss.make_config(tmp_path)
+    path.write_text(path.read_text().replace("[spool]\n", "[spool]\ncorrupt_max_age = 0\n", 1))
+    root = ss.spool_root(path)
+    (root / "corrupt").mkdir(parents=True, exist_ok=True)
+    (root / "corrupt" / "f").write_bytes(b"x")
+    r = queue(path, "purge-corrupt")
+    assert r.returncode == 64 and b"--older-than DAYS or --all" in r.stderr
+    assert queue(path, "purge-corrupt", "--all").returncode == 0
+    assert os.listdir(root / "corrupt") == []
