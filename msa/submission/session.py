@@ -713,6 +713,9 @@ class SmtpSession(SMTP):
         # budget is read and a failure counted inside the turn.
         async with hash_gate.turn(self._anvil_key):
             if await self._auth_blocked():
+                # As slow as a failure (a sleep costs nothing here), so a
+                # blocked guesser cannot spin on cheap refusals.
+                await asyncio.sleep(self.settings.auth_failure_delay)
                 self._arm(self.settings.command_timeout)
                 await self.push("454 4.7.0 Too many failed logins from your address; "
                                 "try again later")
