@@ -3,7 +3,7 @@ on one port, relay everything to the sink.
 
 The spool keeps msa's full durability (fsync of file and directory before
 250); nothing here turns it off. smtp-source cannot AUTH, so the listener
-must accept unauthenticated mail from 127.0.0.0/8 the way Postfix's
+must accept unauthenticated mail from 127.0.0.1 the way Postfix's
 ``mynetworks`` does: :func:`missing_features` says which config keys this
 needs and whether the checked-out msa has them.
 """
@@ -64,8 +64,9 @@ def missing_features() -> list[str]:
 def config_text(base: Path, port: int, sink_port: int, certfile: Path, keyfile: Path,
                 edge_workers: int | None = None) -> str:
     """The msa.toml for the benchmark (pure): one plain listener on
-    127.0.0.1 that takes mail without AUTH from 127.0.0.0/8 (what Postfix's
-    ``mynetworks`` grants the reference)."""
+    127.0.0.1 that takes mail without AUTH from 127.0.0.1 (what Postfix's
+    ``mynetworks`` grants the reference). Other loopback addresses are
+    clients like any (the idle phase's, counted per client: 100 each)."""
     workers = "" if edge_workers is None else f"edge_workers = {edge_workers}\n"
     return f"""\
 # msa for the benchmark (bench/msa_side.py). Generated.
@@ -78,7 +79,8 @@ domain = "bench.test"
 
 [edge]
 submission = ["127.0.0.1:{port}"]
-trusted_networks = ["127.0.0.0/8"]
+trusted_networks = ["127.0.0.1/32"]
+max_connections_per_client = 200
 submissions = []
 certfile = "{certfile}"
 keyfile = "{keyfile}"

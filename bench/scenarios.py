@@ -212,7 +212,9 @@ def idle_phase(work: Path, count: int, size: int, log=print) -> dict:
         side.start()
         time.sleep(1.0)
         out["baseline_kb"] = procs.tree_rss_kb(side.pid)
-        conns, greeted = open_idle(side.port, count)
+        # From ten addresses that are not trusted, so that each connection
+        # is counted by the anvil (msa.submission.anvil) as a client's would.
+        conns, greeted = open_idle(side.port, count, sources=IDLE_SOURCES)
         out["greeted"] = greeted
         time.sleep(2.0)
         out["rss_kb"] = procs.tree_rss_kb(side.pid)
@@ -229,8 +231,11 @@ def idle_phase(work: Path, count: int, size: int, log=print) -> dict:
     return out
 
 
-def open_idle(port: int, count: int, batch: int = 50,
-              timeout: float = 60.0) -> tuple[list[socket.socket], int]:
+IDLE_SOURCES = [f"127.0.0.{n}" for n in range(11, 21)]
+
+
+def open_idle(port: int, count: int, batch: int = 50, timeout: float = 60.0,
+              sources: list[str] | None = None) -> tuple[list[socket.socket], int]:
     """Open ``count`` connections that read the greeting and then say
     nothing. Returns the sockets and how many got a ``220`` greeting.
 
@@ -244,14 +249,17 @@ def open_idle(port: int, count: int, batch: int = 50,
     greeted = 0
     deadline = time.monotonic() + timeout
     while len(conns) < count and time.monotonic() < deadline:
-        new = [_connect(port) for _ in range(min(batch, count - len(conns)))]
+        new = [_connect(port, sources[(len(conns) + i) % len(sources)] if sources else None)
+               for i in range(min(batch, count - len(conns)))]
         conns += new
         greeted += _greetings(new, deadline)
     return conns, greeted
 
 
-def _connect(port: int) -> socket.socket:
+def _connect(port: int, source: str | None = None) -> socket.socket:
     s = socket.socket()
+    if source:
+        s.bind((source, 0))
     s.setblocking(False)
     try:
         s.connect(("127.0.0.1", port))
