@@ -39,7 +39,7 @@ def test_forged_lines_come_out_escaped(tmp_path, ca):
         os.chown(planted, pwd.getpwnam("nobody").pw_uid, -1)
         os.rename(planted, sp.path("maildrop", name))
         support.wait_for(lambda: log.exists() and "authentication failed" in log.read_text()
-                         and "to corrupt/" in log.read_text(), timeout=30,
+                         and "kept as corrupt/" in log.read_text(), timeout=30,
                          what="both log lines")
     finally:
         proc.stop()
@@ -47,6 +47,6 @@ def test_forged_lines_come_out_escaped(tmp_path, ca):
     assert not any(line.startswith(FORGED) or line.startswith("\x1b") for line in lines), lines
     [auth] = [line for line in lines if "authentication failed" in line]
     assert f"foo\\n{FORGED}\\r\\n\\x1b[2J" in auth, auth
-    [moved] = [line for line in lines if "to corrupt/" in line]
+    [moved] = [line for line in lines if "kept as corrupt/" in line]
     assert f"x\\n{FORGED.replace('/', '-')}" in moved, moved
     assert "\x1b" not in log.read_text()
