@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import logging.handlers
 import os
 import signal
 import sys
@@ -45,7 +44,7 @@ import time
 
 from msa import config, sysexits, system
 from msa.admin.control import ControlServer
-from msa.logsafe import escape
+from msa.process import logs
 from msa.process.supervisor import (
     READY,
     RELOAD_FAILED,
@@ -96,56 +95,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return opts
 
 
-class _Format(logging.Formatter):
-    """Postfix-like: ``msa/watcher[pid]: QID: text``, the text escaped
-    (:func:`msa.logsafe.escape`). The time stamp has whole seconds, so it
-    is formatted once a second, not once a line."""
-
-    _second: int = -1
-    _stamp: str = ""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
-        if second != self._second:
-            self._stamp = super().formatTime(record, datefmt)
-            self._second = second
-        return self._stamp
-
-    def format(self, record: logging.LogRecord) -> str:
-        record.component = record.name.replace(".", "/", 1) if record.name.startswith("msa.") \
-            else f"msa/{record.name}"
-        return super().format(record)
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        # The one place every line's text is escaped (msa.logsafe): a
-        # traceback appended after it is ours and keeps its lines.
-        record.message = escape(record.message)
-        return super().formatMessage(record)
-
-
-def setup_logging(where: str, level: str) -> None:
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    if where == "syslog":
-        try:
-            handler: logging.Handler = logging.handlers.SysLogHandler(
-                address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
-            fmt = "%(component)s[%(process)d]: %(message)s"
-        except OSError:
-            handler, fmt = logging.StreamHandler(sys.stderr), None
-    elif where in ("", "stderr"):
-        handler = logging.StreamHandler(sys.stderr)
-        fmt = None
-    else:
-        handler = logging.FileHandler(where)
-        fmt = None
-    handler.setFormatter(_Format(fmt or "%(asctime)s %(component)s[%(process)d]: %(message)s",
-                                 "%b %d %H:%M:%S"))
-    root.addHandler(handler)
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
-
-
 def main(argv: list[str]) -> int:
     opts = parse_args(argv)
     link = ChildLink(*parse_supervised(opts.supervised)) if opts.supervised else None
@@ -171,14 +120,22 @@ def main(argv: list[str]) -> int:
         d.pidfile = ""  # the supervisor's
     if d.pidfile:
         d.pidfile = os.path.abspath(d.pidfile)
-    if d.log not in ("", "stderr", "syslog"):
+    if d.log not in ("", "stderr") and not logs.is_syslog(d.log):
         d.log = os.path.abspath(d.log)  # --detach changes directory to /
     cwd = os.getcwd()
     if opts.detach and link is None:
         if d.log in ("", "stderr"):
             d.log = "syslog"
+        problem = (logs.syslog_problem(logs.syslog_path(d.log))
+                   if logs.is_syslog(d.log) else None)
+        if problem:
+            # Detached, stderr is /dev/null: the lines would be lost.
+            print(f"msa {opts.command}: --detach logs to syslog, and syslog is not there "
+                  f"({problem}): set [daemon] log = a file, or run a syslog daemon",
+                  file=sys.stderr)
+            return sysexits.EX_CONFIG
         system.detach()
-    setup_logging(d.log, d.log_level)
+    logs.setup(d.log, d.log_level)
     try:
         spool = open_spool(cfg)
     except OSError as exc:
@@ -355,6 +312,7 @@ class Daemon:
                 f"uptime={int(time.time() - self.started)}")
 
     def _sighup(self) -> None:
+        logs.reopen()
         try:
             self.reload()
         except Exception as exc:  # keep running on the old config

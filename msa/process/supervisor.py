@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 import msa
 from msa import config, sysexits
 from msa.admin.control import ControlServer
+from msa.process import logs
 from msa.submission.anvil import AnvilServer
 
 log = logging.getLogger("msa.daemon")
@@ -380,6 +381,7 @@ class Supervisor:
                 f"uptime={int(time.time() - self.started)} processes={self.describe()}")
 
     async def _sighup(self) -> None:
+        logs.reopen()
         try:
             await self.reload()
         except Exception as exc:  # keep running on the old config
