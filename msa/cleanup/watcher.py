@@ -75,6 +75,9 @@ from msa.message.queuefile import Envelope, QueueFileError
 from spool import Claim, Spool, StageWatcher, ThreadGroupSync
 
 log = logging.getLogger("msa.watcher")
+# Lines Postfix's pickup and qmgr would write (msa.process.logs names them).
+pickup_log = logging.getLogger("msa.pickup")
+qmgr_log = logging.getLogger("msa.qmgr")
 
 # Test hook: after this many split parts are committed, the process kills
 # itself with SIGKILL (crash-consistency tests). Unset in production.
@@ -247,7 +250,10 @@ class Watcher:
         if source is not None:
             self.active_sync.sync()
             _unlink(source)
-        log.info("%s: policies done, queued in active/ (from %s/)", claim.qid, origin)
+        env = result[0] if result is not None else head.env
+        # Postfix's qmgr line (pflogsumm takes sender and size from it).
+        qmgr_log.info("%s: from=<%s>, size=%s, nrcpt=%d (queue active; policies done, "
+                      "from %s/)", claim.qid, env.sender, env.size, len(env.recipients), origin)
 
     def _commit_parts(self, claim: Claim, parts: list[tuple[Envelope, HeaderBlock]],
                       head: Head) -> None:
@@ -320,7 +326,7 @@ class Watcher:
                 self._refuse(claim.qid, str(exc), f)
                 return None
         claim.done()
-        log.info("%s: uid=%s from=<%s> nrcpt=%d (maildrop/%s)", qid, env.local_uid,
+        pickup_log.info("%s: uid=%s from=<%s> nrcpt=%d (maildrop/%s)", qid, env.local_uid,
                  env.sender, len(env.recipients), claim.qid)
         return qid
 

@@ -443,7 +443,7 @@ class Runner:
                     await self._record_failed(claim, qid, attempt,
                                               now + self.retry.min_delay, exc)
                     return
-                log.info("%s: sender %s notification: %s", qid, what, dsn_qid)
+                bounce_log.info("%s: sender %s notification: %s", qid, what, dsn_qid)
         if out.remove:
             await self._finish(claim, qid)
         else:
@@ -608,10 +608,14 @@ def _valid_name(name: str) -> bool:
 
 
 _info = InfoWriter(log, __file__)
+# Lines Postfix's smtp and bounce would write (msa.process.logs names them).
+_smtp_info = InfoWriter(logging.getLogger("msa.smtp"), __file__)
+bounce_log = logging.getLogger("msa.bounce")
 
 
 def _log_result(qid: str, res: RcptResult, delay: float) -> None:
     """The Postfix-style line of one recipient (``status=sent|bounced|deferred``)."""
-    _info(f"{qid}: to=<{res.address}>, relay={res.relay}, delay={delay:.1f}, "
-          f"tls={res.tls or 'none'}, dsn={res.status}, status={_WORD[res.state]} "
-          f"({res.reply})")
+    # Postfix's field order (pflogsumm parses up to status=); then ours.
+    _smtp_info(f"{qid}: to=<{res.address}>, relay={res.relay}, delay={delay:.1f}, "
+               f"dsn={res.status}, status={_WORD[res.state]} ({res.reply}), "
+               f"tls={res.tls or 'none'}")

@@ -401,7 +401,10 @@ class SmtpSession(SMTP):
             self._original_transport.abort()
 
     def _client(self) -> str:
-        return f"{self.session.host_name or 'unknown'}[{self.session.client_ip}]"
+        """``name[ip]`` as Postfix logs a client. The name is ``unknown``:
+        never the HELO, which the client chooses (fail2ban reads the
+        address between the brackets after the name)."""
+        return f"unknown[{self.session.client_ip}]"
 
     def _phase(self) -> str:
         return "DATA" if self._in_data else "command"
@@ -428,7 +431,8 @@ class SmtpSession(SMTP):
         status = _enhanced(status)
         if status[:1] in ("4", "5"):
             self._errors += error
-            log.info("reject: %s from %s: %s", self._command, self._client(), status)
+            log.info("NOQUEUE: reject: %s from %s: %s; %s", self._command, self._client(),
+                     status, self._reject_context())
         await self._send(status)
 
     async def _push_raw(self, line: str) -> None:
@@ -446,6 +450,21 @@ class SmtpSession(SMTP):
             await writer.drain()
 
     _command = ""
+    _command_arg = ""
+
+    def _reject_context(self) -> str:
+        """Postfix's ``from=<s> to=<r> proto=ESMTP helo=<h>`` after a reject."""
+        env = self.envelope
+        parts = []
+        if env is not None and env.mail_from is not None:
+            parts.append(f"from=<{env.mail_from}>")
+        if self._command == "RCPT":
+            parts.append(f"to=<{self._command_arg.partition(':')[2].strip().strip('<>')}>")
+        s = self.session
+        parts.append(f"proto={'ESMTP' if s.extended_smtp else 'SMTP'}")
+        if s.host_name:
+            parts.append(f"helo=<{s.host_name}>")
+        return " ".join(parts)
     data_read = 0   # bytes read in the current (or last) DATA phase
 
     async def _hook(self, name: str, reply: Reply, *args: Any) -> Reply:
@@ -520,7 +539,8 @@ class SmtpSession(SMTP):
                 log.exception("internal error in session with %s", self._client())
                 await self.push("451 4.3.0 Internal error")
             if self._errors >= self.settings.max_errors and self.transport is not None:
-                log.info("too many errors from %s", self._client())
+                log.warning("too many errors after %s from %s", self._command or "CONNECT",
+                            self._client())
                 await self._close_with(f"421 4.7.0 {self.hostname} Error: too many errors")
                 return
 
@@ -541,7 +561,7 @@ class SmtpSession(SMTP):
             self._command = "line"
             await self.push(exc.reply())
             return
-        self._command = verb
+        self._command, self._command_arg = verb, arg or ""
         method = self._command_table.get(verb)
         if method is None:
             await self.push("500 5.5.1 Error: command not recognized")
@@ -950,8 +970,11 @@ class SmtpSession(SMTP):
         s = self.session
         self._messages += 1
         if log.isEnabledFor(logging.INFO):
-            self._queued_log = (f"{qid}: client={self._client()}, "
-                                f"sasl_username={s.auth_result or ''}, from=<{env.sender}>, "
+            sasl = (f", sasl_method={s.auth_method}, sasl_username={s.auth_result}"
+                    if s.auth_result else "")
+            # Postfix's smtpd line first (pflogsumm counts it as received),
+            # then what it does not parse.
+            self._queued_log = (f"{qid}: client={self._client()}{sasl}, from=<{env.sender}>, "
                                 f"size={sink.size}, nrcpt={nrcpt}, tls={s.tls or 'none'}")
         if reply is None:
             return f"250 2.0.0 Ok: queued as {qid}"

@@ -48,7 +48,7 @@ def test_watch_process_runs_reloads_and_stops_cleanly(tmp_path):
     finally:
         out = _read_so_far(proc).decode() + proc.output()
     assert "started watch" in out and "reloaded" in out and "stopped" in out, out
-    assert f"{qid}: policies done, queued in active/" in out
+    assert f" msa/qmgr[{proc.p.pid}]: {qid}: from=<" in out and "(queue active; policies done" in out
     assert not pidfile.exists()
 
 
