@@ -210,6 +210,20 @@ def hook_table(validators: Any) -> dict[str, int]:
 
 
 @functools.lru_cache(maxsize=512)
+def _refusal_kind(command: str, status: str) -> str | None:
+    """How a 4xx/5xx reply is logged (pure): ``reject`` for a refusal of
+    policy (Postfix's ``NOQUEUE: reject:``, which pflogsumm counts and
+    fail2ban reads), ``protocol error`` for a syntax or sequence error
+    (x.5.x but x.5.3, too many recipients: Postfix logs no reject for
+    those), None for a failed password (its SASL warning is the line)."""
+    if command == "AUTH" and status.startswith("535"):
+        return None
+    enhanced = status[4:].split(" ", 1)[0]
+    if enhanced[1:4] == ".5." and enhanced[4:] != "3":
+        return "protocol error"
+    return "reject"
+
+
 def _enhanced(line: str) -> str:
     """:func:`msa.submission.validators.enhance`, remembered: most replies are the
     same few lines."""
@@ -400,6 +414,9 @@ class SmtpSession(SMTP):
         if self._original_transport is not None:
             self._original_transport.abort()
 
+    def _service(self) -> str:
+        return "submissions" if self.settings.implicit_tls else "submission"
+
     def _client(self) -> str:
         """``name[ip]`` as Postfix logs a client. The name is ``unknown``:
         never the HELO, which the client chooses (fail2ban reads the
@@ -431,8 +448,10 @@ class SmtpSession(SMTP):
         status = _enhanced(status)
         if status[:1] in ("4", "5"):
             self._errors += error
-            log.info("NOQUEUE: reject: %s from %s: %s; %s", self._command, self._client(),
-                     status, self._reject_context())
+            kind = _refusal_kind(self._command, status)
+            if kind:
+                log.info("NOQUEUE: %s: %s from %s: %s; %s", kind, self._command,
+                         self._client(), status, self._reject_context())
         await self._send(status)
 
     async def _push_raw(self, line: str) -> None:
@@ -484,12 +503,13 @@ class SmtpSession(SMTP):
         n_open, rate = counts
         s = self.settings
         if s.max_connections_per_client and n_open > s.max_connections_per_client:
-            log.warning("connection concurrency limit exceeded: %d from %s",
-                        n_open, self._client())
+            # Postfix's anvil text (smtpd_client_connection_count_limit).
+            log.warning("Connection concurrency limit exceeded: %d from %s for service %s",
+                        n_open, self._client(), self._service())
             return "too many connections from your address"
         if s.max_connection_rate_per_client and rate > s.max_connection_rate_per_client:
-            log.warning("connection rate limit exceeded: %d from %s in %gs",
-                        rate, self._client(), s.rate_window)
+            log.warning("Connection rate limit exceeded: %d from %s for service %s",
+                        rate, self._client(), self._service())
             return "too many connections from your address; try again later"
         return None
 
@@ -737,7 +757,10 @@ class SmtpSession(SMTP):
                 # blocked guesser cannot spin on cheap refusals.
                 await asyncio.sleep(self.settings.auth_failure_delay)
                 self._arm(self.settings.command_timeout)
-                await self.push("454 4.7.0 Too many failed logins from your address; "
+                # Logged as "NOQUEUE: reject: AUTH from unknown[ip]: 454 4.7.0
+                # Client host rejected: ...", which fail2ban's stock postfix
+                # filter matches (contrib/fail2ban).
+                await self.push("454 4.7.0 Client host rejected: too many failed logins; "
                                 "try again later")
                 return
             try:

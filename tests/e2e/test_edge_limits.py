@@ -89,7 +89,8 @@ def test_connection_cap_holds_across_edge_processes(tmp_path, ca):
             s.close()
             return line.startswith("220 ")
         support.wait_for(welcome_again, timeout=30, what="127.0.0.2 greeted again")
-        assert "connection concurrency limit exceeded: 7 from unknown[127.0.0.2]" in _log(proc)
+        assert ("Connection concurrency limit exceeded: 7 from unknown[127.0.0.2] for service "
+                "submission") in _log(proc)
 
 
 def test_connection_rate_holds_across_edge_processes(tmp_path, ca):

@@ -35,7 +35,7 @@ def _daemon(tmp_path, ca, log: str, env: dict | None = None, **kw):
 
 
 def _reject(port: int, word: str) -> None:
-    """One INFO line: a command the edge refuses (NOQUEUE: reject: ...)."""
+    """One INFO line: a command the edge refuses (NOQUEUE: protocol error: ...)."""
     c = RawClient(port)
     c.cmd("EHLO logs.test")
     assert c.cmd(f"X{word}").startswith("500")
@@ -67,7 +67,7 @@ def test_file_lines_are_postfix_shaped_and_the_file_is_reopened_when_moved(tmp_p
     host, daemon, pid, text = LINE.match(reject).groups()
     assert host == socket.gethostname().split(".")[0] and daemon == "smtpd"
     assert int(pid) == proc.p.pid
-    assert text.startswith("NOQUEUE: reject: XTWO from unknown[127.0.0.1]: 500 5.5.1 ")
+    assert text.startswith("NOQUEUE: protocol error: XTWO from unknown[127.0.0.1]: 500 5.5.1 ")
     assert text.endswith("; proto=ESMTP helo=<logs.test>")
 
 
@@ -109,7 +109,8 @@ def test_syslog_over_a_real_socket_then_gone(tmp_path, ca):
         while b"XSYSLOG" not in got:
             got = server.recv(65536)
         # <22>: facility mail (2) * 8 + info (6); syslog adds time and host.
-        assert re.match(rb"^<22>msa/smtpd\[\d+\]: NOQUEUE: reject: XSYSLOG from unknown", got), got
+        assert re.match(rb"^<22>msa/smtpd\[\d+\]: NOQUEUE: protocol error: XSYSLOG from unknown",
+                        got), got
         server.close()
         os.unlink(path)
         _reject(port, "GONE")
