@@ -79,6 +79,12 @@ class EdgeConfig:
     # 454 4.7.0 without checking the password (no argon2 work).
     max_auth_failures_per_client: int = 10
     auth_failure_window: float = 600.0
+    # The client's name in logs and Received: its forward-confirmed reverse
+    # DNS through [relay] resolver, looked up before the greeting for at
+    # most client_dns_timeout seconds; else (and with client_dns off)
+    # "unknown".
+    client_dns: bool = True
+    client_dns_timeout: float = 5.0
     # CIDRs whose clients may send without AUTH and as any sender
     # (Postfix's permit_mynetworks). Empty: everyone must AUTH.
     trusted_networks: list[str] = field(default_factory=list)

@@ -150,7 +150,7 @@ def write_config(directory: Path, ca: CA | None = None, extra: str = "") -> Path
     path.write_text(
         f'[spool]\nroot = "{directory / "spool"}"\n\n'
         f'[server]\nhostname = "msa.test"\ndomain = "example.org"\n\n'
-        f'[edge]\nsubmission = []\nsubmissions = []\n{tls}\n'
+        f'[edge]\nsubmission = []\nsubmissions = []\nclient_dns = false\n{tls}\n'
         f'[auth]\npasswd_file = "{directory / "passwd"}"\n\n' + extra)
     return path
 

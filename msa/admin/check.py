@@ -44,7 +44,7 @@ def _enums() -> dict[tuple[str, str], tuple[str, ...]]:
 POSITIVE = {
     "edge": ("max_message_size", "max_recipients", "command_timeout", "data_timeout",
              "max_errors", "max_auth_failures", "max_connections", "rate_window",
-             "auth_failure_window"),
+             "auth_failure_window", "client_dns_timeout"),
     "policies": ("max_header_bytes", "workers", "rescan_interval"),
     "relay": ("dns_timeout", "port", "connect_timeout", "command_timeout", "data_timeout",
               "idle_timeout", "max_connections", "max_connections_per_domain",

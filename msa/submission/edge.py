@@ -59,6 +59,7 @@ from msa.cleanup import policies
 from msa.config import Config, ConfigError, EdgeConfig
 from msa.submission import tls as tlsconf
 from msa.submission.anvil import LocalAnvil
+from msa.submission.clientname import ClientNames
 from msa.submission.auth import PasswdFileAuth, SenderPolicy, TrustedNetworks
 from msa.submission.session import ABORT_AFTER, SmtpSession
 from msa.submission.writer import DirSyncer, dir_syncer_for
@@ -149,7 +150,7 @@ class SmtpEdge:
                  rate_window: float = _DEFAULTS.rate_window,
                  max_auth_failures_per_client: int = _DEFAULTS.max_auth_failures_per_client,
                  auth_failure_window: float = _DEFAULTS.auth_failure_window,
-                 anvil: Any = None,
+                 anvil: Any = None, client_names: Any = None,
                  senders: dict[str, list[str]] | SenderPolicy | None = None,
                  sender_domain: str = "", allow_login_address: bool = True,
                  require_auth: bool = True, shutdown_grace: float = 30.0,
@@ -193,6 +194,9 @@ class SmtpEdge:
         # Per-client counters: shared by the edges of a process (and, given
         # an AnvilClient, by every edge process).
         self.anvil = anvil if anvil is not None else LocalAnvil()
+        # Forward-confirmed reverse DNS of clients (msa.submission.clientname),
+        # or None: every client is "unknown".
+        self.client_names = client_names
         self.policies_from_config = False
         self.dir_syncer: DirSyncer | None = None   # made by start()
         self.stopping = False
@@ -370,6 +374,17 @@ def _edge_stages(stages: list | None) -> list | None:
     return stages if stages and any(stages) else None
 
 
+def client_names_from_config(cfg: Config) -> ClientNames | None:
+    """The clients' names looked up through ``[relay] resolver``
+    (``[edge] client_dns``), shared by the edges of one process."""
+    e = cfg.edge
+    if not e.client_dns:
+        return None
+    from msa.delivery.mx import make_resolver
+    return ClientNames(make_resolver(cfg.relay.resolver, e.client_dns_timeout),
+                       e.client_dns_timeout)
+
+
 def _sender_policy(cfg: Config) -> SenderPolicy:
     return SenderPolicy(cfg.auth.senders, cfg.domain, cfg.auth.allow_login_address)
 
@@ -397,6 +412,7 @@ def edges_from_config(cfg: Config, spool: Spool, reuse_port: bool = False,
                   hostname=cfg.server.hostname, senders=_sender_policy(cfg),
                   trusted_networks=trusted_networks(e), reuse_port=reuse_port,
                   policies=config_policies(cfg), anvil=anvil or LocalAnvil(),
+                  client_names=client_names_from_config(cfg),
                   max_policy_header=cfg.policies.max_header_bytes, **_limits(e))
     edges = [SmtpEdge(parse_listen(a), spool, **common) for a in e.submission]
     edges += [SmtpEdge(parse_listen(a), spool, tls_immediately=True, **common)

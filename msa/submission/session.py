@@ -99,6 +99,7 @@ class EdgeSession(_AioSession):
     def __init__(self, loop: asyncio.AbstractEventLoop):
         super().__init__(loop)
         self.auth_result: str | None = None     # the user name after AUTH
+        self.client_name = "unknown"            # forward-confirmed reverse DNS
         self.auth_method = ""
         self.tls = ""                            # "TLSv1.3 TLS_AES_..." or ""
         self.senders: list[str] = []             # extra owned addresses
@@ -251,6 +252,7 @@ class SmtpSession(SMTP):
         self._idle = False
         self._registered = False
         self._anvil_key: str | None = None
+        self._client_name = "unknown"
         self._anvil_reply: asyncio.Future | None = None
         self.validators: SmtpValidators | None = None
         self._hooks = _NO_TABLE
@@ -316,6 +318,8 @@ class SmtpSession(SMTP):
         if self._tls_active():
             self.session.tls = tlsconf.describe(self.transport.get_extra_info("ssl_object"))
         self.session.trusted = self.edge.is_trusted(self.session.client_ip)
+        # STARTTLS makes a new session object: the name carries over.
+        self.session.client_name = self._client_name
         if first:
             self._refused = not self.edge._register(self)
             self._registered = not self._refused
@@ -418,10 +422,10 @@ class SmtpSession(SMTP):
         return "submissions" if self.settings.implicit_tls else "submission"
 
     def _client(self) -> str:
-        """``name[ip]`` as Postfix logs a client. The name is ``unknown``:
-        never the HELO, which the client chooses (fail2ban reads the
-        address between the brackets after the name)."""
-        return f"unknown[{self.session.client_ip}]"
+        """``name[ip]`` as Postfix logs a client. The name is its
+        forward-confirmed reverse DNS or ``unknown``, never the HELO, which
+        the client chooses (fail2ban reads the address in the brackets)."""
+        return f"{self.session.client_name}[{self.session.client_ip}]"
 
     def _phase(self) -> str:
         return "DATA" if self._in_data else "command"
@@ -530,6 +534,10 @@ class SmtpSession(SMTP):
             if over:
                 await self._close_with(f"421 4.7.0 {self.hostname} Error: {over}")
                 return
+        if self.edge.client_names is not None:
+            # Before the greeting, as Postfix's smtpd (bounded; cached).
+            self._client_name = await self.edge.client_names.lookup(self.session.client_ip)
+            self.session.client_name = self._client_name
         if "banner" in self._hooks:
             reply = Reply("220", f"{self.hostname} ESMTP msa")
             await self._hook("banner", reply, self.session.peer)
@@ -1070,7 +1078,8 @@ class SmtpSession(SMTP):
         return queuefile.Envelope(
             sender=t.mail_from, recipients=list(t.recipients), queue_id=qid,
             arrival=queuefile.utc_iso(now), origin="smtp", client_address=s.client_ip,
-            client_name=s.host_name or "", helo=s.host_name or "", tls=s.tls,
+            client_name="" if s.client_name == "unknown" else s.client_name,
+            helo=s.host_name or "", tls=s.tls,
             auth_user=s.auth_result or "", size=str(size), body=t.params.body,
             smtputf8="yes" if t.params.smtputf8 else "", ret=t.params.ret,
             envid=t.params.envid)

@@ -172,7 +172,7 @@ def test_sendmail_and_smtp_through_the_daemon(tmp_path, ca):
     sink = Sink(rules={"nobody@example.test": "550 5.1.1 <nobody@example.test>: unknown"}).start()
     sub = support.free_port()
     mx = f"127.0.0.1:{sink.port}"
-    extra = (f'[edge]\nsubmission = ["127.0.0.1:{sub}"]\nsubmissions = []\n'
+    extra = (f'[edge]\nsubmission = ["127.0.0.1:{sub}"]\nsubmissions = []\nclient_dns = false\n'
              f'certfile = "{ca.cert_pem}"\nkeyfile = "{ca.key_pem}"\n\n')
     cfg_path = relay_config(tmp_path, relay={"force_mx": {"example.test": mx, "example.org": mx}})
     text = cfg_path.read_text()
