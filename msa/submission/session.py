@@ -210,7 +210,25 @@ def hook_table(validators: Any) -> dict[str, int]:
     return table
 
 
-@functools.lru_cache(maxsize=512)
+TALLY_ORDER = ("helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "bdat", "rset",
+               "noop", "vrfy", "etrn", "quit", "unknown")
+
+
+def command_tally(tally: dict[str, list[int]]) -> str:
+    """Postfix's disconnect summary (pure): ``ehlo=2 starttls=1 auth=0/1
+    quit=1 commands=4/5``: per command how many succeeded, ``/sent`` when
+    some failed (fail2ban's ddos mode reads ``auth=0/N``)."""
+    order = [v for v in TALLY_ORDER if v in tally] + sorted(set(tally) - set(TALLY_ORDER))
+    parts = []
+    ok = sent = 0
+    for verb in order:
+        good, total = tally[verb]
+        ok, sent = ok + good, sent + total
+        parts.append(f"{verb}={good}" if good == total else f"{verb}={good}/{total}")
+    parts.append(f"commands={ok}" if ok == sent else f"commands={ok}/{sent}")
+    return " ".join(parts)
+
+
 def _refusal_kind(command: str, status: str) -> str | None:
     """How a 4xx/5xx reply is logged (pure): ``reject`` for a refusal of
     policy (Postfix's ``NOQUEUE: reject:``, which pflogsumm counts and
@@ -225,6 +243,7 @@ def _refusal_kind(command: str, status: str) -> str | None:
     return "reject"
 
 
+@functools.lru_cache(maxsize=512)
 def _enhanced(line: str) -> str:
     """:func:`msa.submission.validators.enhance`, remembered: most replies are the
     same few lines."""
@@ -253,6 +272,8 @@ class SmtpSession(SMTP):
         self._registered = False
         self._anvil_key: str | None = None
         self._client_name = "unknown"
+        self._tally: dict[str, list[int]] = {}   # verb -> [succeeded, sent]
+        self._refusals = 0                       # 4xx/5xx replies sent
         self._anvil_reply: asyncio.Future | None = None
         self.validators: SmtpValidators | None = None
         self._hooks = _NO_TABLE
@@ -340,8 +361,8 @@ class SmtpSession(SMTP):
             quiet = self._messages and not self._errors
             level = logging.DEBUG if quiet else logging.INFO
             if log.isEnabledFor(level):
-                log.log(level, "disconnect from %s messages=%d errors=%d", self._client(),
-                        self._messages, self._errors)
+                log.log(level, "disconnect from %s %s", self._client(),
+                        command_tally(self._tally))
         if self._registered:
             self._registered = False
             self.edge._unregister(self)
@@ -452,6 +473,7 @@ class SmtpSession(SMTP):
         status = _enhanced(status)
         if status[:1] in ("4", "5"):
             self._errors += error
+            self._refusals += 1
             kind = _refusal_kind(self._command, status)
             if kind:
                 log.info("NOQUEUE: %s: %s from %s: %s; %s", kind, self._command,
@@ -524,8 +546,6 @@ class SmtpSession(SMTP):
     # -- the command loop ---------------------------------------------------
 
     async def _handle_client(self) -> None:
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("connect from %s tls=%s", self._client(), self.session.tls or "none")
         if self._refused:
             await self._close_with(f"421 4.7.0 {self.hostname} Error: too many connections")
             return
@@ -538,6 +558,8 @@ class SmtpSession(SMTP):
             # Before the greeting, as Postfix's smtpd (bounded; cached).
             self._client_name = await self.edge.client_names.lookup(self.session.client_ip)
             self.session.client_name = self._client_name
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connect from %s", self._client())
         if "banner" in self._hooks:
             reply = Reply("220", f"{self.hostname} ESMTP msa")
             await self._hook("banner", reply, self.session.peer)
@@ -581,23 +603,35 @@ class SmtpSession(SMTP):
         self._arm(timeout)
         if line is None:
             self._command = "line"
+            self._count("unknown", False)
             await self.push("500 5.5.2 Line too long")
             return
         try:
             verb, arg = smtpcmd.split_command(line)
         except MsaError as exc:
             self._command = "line"
+            self._count("unknown", False)
             await self.push(exc.reply())
             return
         self._command, self._command_arg = verb, arg or ""
         method = self._command_table.get(verb)
         if method is None:
+            self._count("unknown", False)
             await self.push("500 5.5.1 Error: command not recognized")
             return
+        refusals = self._refusals
         try:
             await method(self, arg or None)
         except MsaError as exc:          # a parse error carries its reply
             await self.push(exc.reply())
+        self._count(verb.lower(), self._refusals == refusals)
+
+    def _count(self, verb: str, ok: bool) -> None:
+        counts = self._tally.get(verb)
+        if counts is None:
+            counts = self._tally[verb] = [0, 0]
+        counts[0] += ok
+        counts[1] += 1
 
     async def _read_line(self, limit: int) -> bytes | None:
         """One line through LF; None (after reading to its end) if longer

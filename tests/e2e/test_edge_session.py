@@ -115,7 +115,7 @@ def test_one_info_line_per_message(tmp_path, ca, caplog):
         assert len(queued) == 2 and all("from=<s@elsewhere.test>" in x for x in queued)
         # The session without mail is logged; the one with mail is not again.
         assert [x for x in lines if x not in queued] == [
-            "disconnect from unknown[127.0.0.1] messages=0 errors=0"]
+            "disconnect from unknown[127.0.0.1] quit=1 commands=1"]
     finally:
         e.stop()
 
