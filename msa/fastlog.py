@@ -53,3 +53,11 @@ class InfoWriter:
         fields["msecs"] = int((now - int(now)) * 1000) + 0.0
         fields["relativeCreated"] = (now - _LOG_START) * 1000
         self.log.handle(record)
+
+
+def log_message_id(log: logging.Logger, qid: str, value: str | None) -> None:
+    """Postfix's cleanup line ``QID: message-id=<...>``, once the policies
+    of a message were applied (``value``: its Message-ID field, folding
+    undone; the formatter escapes what the sender wrote)."""
+    if log.isEnabledFor(logging.INFO):
+        log.info("%s: message-id=%s", qid, " ".join((value or "").split())[:998])

@@ -55,16 +55,17 @@ def read_header_section(f, offset: int, cap: int, chunk: int = 65536) -> tuple[H
 
 
 def apply_in_memory(env: Envelope, message: bytes | bytearray, stages: list[list[Policy]],
-                    cap: int) -> tuple[Envelope, bytes, int] | None:
+                    cap: int) -> tuple[Envelope, bytes, int, str | None] | None:
     """The policies of ``stages`` applied to a message held in memory, as
     the watcher would apply them to its file; ``env`` is not changed.
     Returns the new envelope, which records every policy of ``stages`` in
     ``Policies:`` (those that changed nothing too: the file is written
     anyway, and the watcher then only renames it), the new header section,
-    and the offset in ``message`` where the body (its separator line
-    included) starts. None when the message splits (the watcher makes the
-    parts from the file) or its header section is larger than ``cap`` (the
-    watcher sends it to ``corrupt/``).
+    the offset in ``message`` where the body (its separator line
+    included) starts, and the Message-ID field's value (or None). None
+    when the message splits (the watcher makes the parts from the file)
+    or its header section is larger than ``cap`` (the watcher sends it to
+    ``corrupt/``).
     """
     try:
         headers, body_offset = header_section(message, 0, cap, whole=True)
@@ -81,4 +82,4 @@ def apply_in_memory(env: Envelope, message: bytes | bytearray, stages: list[list
             policies.mark_applied(new_env, p.name)
     header_bytes = new_headers.to_bytes()
     new_env.size = str(len(header_bytes) + len(message) - body_offset)
-    return new_env, header_bytes, body_offset
+    return new_env, header_bytes, body_offset, new_headers.get("Message-ID")

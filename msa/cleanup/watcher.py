@@ -68,6 +68,7 @@ import spool as spoollib
 from msa.cleanup import maildrop, pipeline, policies
 from msa.cleanup.policies import Policy
 from msa.config import ACTIVE, Config, ConfigError
+from msa.fastlog import log_message_id
 from msa.message import queuefile
 from msa.message.headerblock import HeaderBlock
 from msa.message.headers import HeaderTooLarge
@@ -78,6 +79,7 @@ log = logging.getLogger("msa.watcher")
 # Lines Postfix's pickup and qmgr would write (msa.process.logs names them).
 pickup_log = logging.getLogger("msa.pickup")
 qmgr_log = logging.getLogger("msa.qmgr")
+cleanup_log = logging.getLogger("msa.cleanup")
 
 # Test hook: after this many split parts are committed, the process kills
 # itself with SIGKILL (crash-consistency tests). Unset in production.
@@ -220,6 +222,7 @@ class Watcher:
                     claim.quarantine(str(exc))
                     return "corrupt"
                 results, changed = policies.run_stages(head.env, head.headers, stages)
+                log_message_id(cleanup_log, claim.qid, results[0][1].get("Message-ID"))
                 if len(results) > 1:
                     self._commit_parts(claim, results, head)
                     return "split"

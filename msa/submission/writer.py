@@ -35,18 +35,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import queue
 import tempfile
 import threading
 from typing import Any, Callable, Iterator
 
 from msa.cleanup.pipeline import apply_in_memory
+from msa.fastlog import log_message_id
 from msa.message import queuefile
 from spool import SpoolFull, fsync_dir
 
 # Threads writing queue files at once: fsyncs in flight together let the
 # filesystem journal commit them together.
 STORE_WORKERS = 32
+_cleanup_log = logging.getLogger("msa.cleanup")   # msa/cleanup in the log
 _lock = threading.Lock()
 _dir_syncers: dict[str, "DirSyncer"] = {}
 
@@ -319,7 +322,8 @@ def write_message(spool, stage: str, env: queuefile.Envelope, sink: BodySink,
             for chunk in sink.chunks():
                 w.write(chunk)
         else:
-            new_env, headers, body_offset = stamped
+            new_env, headers, body_offset, message_id = stamped
+            log_message_id(_cleanup_log, new_env.queue_id, message_id)
             w.write(new_env.to_bytes() + headers)
             with memoryview(sink.buf) as view:
                 w.write(view[body_offset:])

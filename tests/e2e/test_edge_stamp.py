@@ -69,7 +69,8 @@ def test_edge_result_is_the_watchers_and_the_watcher_only_renames(tmp_path, name
     stamped = apply_in_memory(env, message, stages, cfg_edge.policies.max_header_bytes)
     assert stamped is not None
     assert env.to_bytes() == before, "the caller's envelope must not change"
-    new_env, headers, offset = stamped
+    new_env, headers, offset, message_id = stamped
+    assert message_id is not None and message_id.strip().startswith("<")
     assert set(policies.applied(new_env)) == {p.name for pols in stages for p in pols}
     edge_file = new_env.to_bytes() + headers + message[offset:]
 
