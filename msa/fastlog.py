@@ -15,6 +15,7 @@ line formatted.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 
@@ -60,4 +61,7 @@ def log_message_id(log: logging.Logger, qid: str, value: str | None) -> None:
     of a message were applied (``value``: its Message-ID field, folding
     undone; the formatter escapes what the sender wrote)."""
     if log.isEnabledFor(logging.INFO):
-        log.info("%s: message-id=%s", qid, " ".join((value or "").split())[:998])
+        log.info("%s: message-id=%s", qid, _FOLDING.sub(" ", value or "").strip()[:998])
+
+
+_FOLDING = re.compile(r"[ \t]*\r?\n[ \t]*")   # unfolding (RFC 5322 2.2.3): CRLF WSP

@@ -1,5 +1,5 @@
 """Log lines stay one line (pure): every message a log handler of msa's
-writes goes through :func:`escape` in its formatter (``msa.process.daemon``),
+writes goes through :func:`escape` in its formatter (``msa.process.logs``),
 whatever code made it, so nothing a client or a local user sends (a HELO,
 an address, an AUTH user name, a maildrop file name) can end a line and
 forge the next one, or reach a terminal as an escape sequence.
