@@ -1,10 +1,12 @@
 """A Postfix administrator's tools read msa's log unchanged: a day's mix
 through ``msa daemon`` (sent, deferred, bounced with its notice delivered,
 a rejected sender, failed logins from three addresses, one address past
-its AUTH budget), then the real ``pflogsumm --syslog-name=msa`` counts
-what was done, and the real ``fail2ban-regex`` with the shipped filter
-(contrib/fail2ban: Debian's stock postfix filter with msa's daemon names)
-matches every failed login and every refused AUTH with the right address."""
+its AUTH budget, one over its connection rate), then the real
+``pflogsumm --syslog-name=msa`` counts what was done, and the real
+``fail2ban-regex`` with the shipped filters (contrib/fail2ban: Debian's
+stock postfix filter with msa's daemon names; msa-limits for the limit
+lines Postfix's anvil would write) matches every failed login, every
+refused AUTH and every limit block with the right address."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 import re
 import shutil
 import smtplib
+import socket
 import ssl
 import subprocess
 
@@ -63,7 +66,8 @@ def day_log(tmp_path, ca):
     path = write_daemon_config(
         tmp_path, ca, *ports,
         edge="max_auth_failures_per_client = 3\nauth_failure_delay = 0\nmax_errors = 100\n"
-             "max_auth_failures = 10\n",
+             "max_auth_failures = 10\nmax_connection_rate_per_client = 4\n"
+             "rate_window = 3600\n",
         extra=f'log = "{log}"\nprocesses = false\n\n[retry]\nmin_delay = 3600\n'
               f'max_delay = 3600\njitter = 0\n')
     text = path.read_text().replace(
@@ -90,6 +94,13 @@ def day_log(tmp_path, ca):
         assert _wrong(ports[0], ca, "127.0.0.21", 2) == [535, 535]
         assert _wrong(ports[0], ca, "127.0.0.22", 1) == [535]
         assert _wrong(ports[0], ca, "127.0.0.23", 5) == [535, 535, 535, 454, 454]
+        # .24 connects six times: the fifth and sixth are over its rate.
+        greetings = []
+        for _ in range(6):
+            with socket.create_connection(("127.0.0.1", ports[0]), timeout=30,
+                                          source_address=("127.0.0.24", 0)) as c:
+                greetings.append(c.makefile("rb").readline()[:9])
+        assert greetings == [b"220 msa.t"] * 4 + [b"421 4.7.0"] * 2
 
         def settled():
             t = log.read_text() if log.exists() else ""
@@ -104,11 +115,12 @@ def day_log(tmp_path, ca):
     done.update(delivered=2, deferred=1, bounced=1)
     failed = {"127.0.0.21": 2, "127.0.0.22": 1, "127.0.0.23": 3}
     refused = {"127.0.0.23": 2}
-    return log, done, failed, refused
+    limited = {"127.0.0.23": 1, "127.0.0.24": 2}   # one AUTH block, two over the rate
+    return log, done, failed, refused, limited
 
 
 def test_pflogsumm_counts_what_was_done(day_log):
-    log, done, _, _ = day_log
+    log, done, *_ = day_log
     r = subprocess.run([_tool("pflogsumm"), "--syslog-name=msa", str(log)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -127,14 +139,15 @@ def _filter_dir(tmp_path) -> str:
     (conf / "filter.d").mkdir(parents=True, exist_ok=True)
     for name in ("common.conf", "postfix.conf"):
         shutil.copy(f"{STOCK}/{name}", conf / "filter.d" / name)
-    shutil.copy(support.ROOT / "contrib" / "fail2ban" / "filter.d" / "msa.conf",
-                conf / "filter.d" / "msa.conf")
+    for name in ("msa.conf", "msa-limits.conf"):
+        shutil.copy(support.ROOT / "contrib" / "fail2ban" / "filter.d" / name,
+                    conf / "filter.d" / name)
     return str(conf)
 
 
-def _matched(tmp_path, log, mode: str) -> dict[str, int]:
+def _matched(tmp_path, log, name: str) -> dict[str, int]:
     r = subprocess.run([_tool("fail2ban-regex"), "--config", _filter_dir(tmp_path),
-                        "--print-all-matched", "--raw", str(log), f"msa[mode={mode}]"],
+                        "--print-all-matched", "--raw", str(log), name],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     hosts: dict[str, int] = {}
@@ -147,7 +160,12 @@ def _matched(tmp_path, log, mode: str) -> dict[str, int]:
 
 
 def test_fail2ban_matches_every_failed_login_with_its_address(day_log, tmp_path):
-    log, _, failed, refused = day_log
-    assert _matched(tmp_path, log, "auth") == failed
+    log, _, failed, refused, _ = day_log
+    assert _matched(tmp_path, log, "msa[mode=auth]") == failed
     both = {ip: failed.get(ip, 0) + refused.get(ip, 0) for ip in failed}
-    assert _matched(tmp_path, log, "extra") == both
+    assert _matched(tmp_path, log, "msa[mode=extra]") == both
+
+
+def test_fail2ban_matches_every_limit_block_with_its_address(day_log, tmp_path):
+    log, *_, limited = day_log
+    assert _matched(tmp_path, log, "msa-limits") == limited
