@@ -112,6 +112,9 @@ class PoliciesConfig:
     add_date: bool = True
     add_message_id: bool = True
     add_received: bool = True
+    # Received: of an authenticated user's message without the client's
+    # address, name, HELO and TLS details (msa.cleanup.policies).
+    private_submission: bool = False
     remove_bcc: bool = True
     # Forward: list of [regex, replacement] applied to each recipient.
     forward: list[list[str]] = field(default_factory=list)

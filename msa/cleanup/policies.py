@@ -107,9 +107,12 @@ def _with_protocol(env: Envelope) -> str:
     return "ESMTP" + ("S" if env.tls else "") + ("A" if env.auth_user else "")
 
 
-def received_clauses(env: Envelope, hostname: str) -> list[str]:
+def received_clauses(env: Envelope, hostname: str, private: bool = False) -> list[str]:
     """Our ``Received:`` field (RFC 5321 §4.4) as clauses, each kept on
-    one line when folded; the date is always the last."""
+    one line when folded; the date is always the last. ``private``
+    (``[policies] private_submission``): for an authenticated user, no
+    ``from`` clause and no TLS details, so the user's address and device
+    stay out of every copy of the message, as large providers do."""
     date = rfc5322_date(env)
     if env.origin == "local":
         uid = env.local_uid or "unknown"
@@ -119,11 +122,13 @@ def received_clauses(env: Envelope, hostname: str) -> list[str]:
         # literal "[]" is not one RFC 5321 §4.1.3 allows.
         return [f"by {hostname} (msa)", f"id {env.queue_id};", date]
     helo = env.helo or "unknown"
-    out = [f"from {helo} ({env.client_name or 'unknown'} [{env.client_address}])"]
-    if env.tls:
+    hide = private and bool(env.auth_user)
+    out = [] if hide else [f"from {helo} ({env.client_name or 'unknown'} "
+                           f"[{env.client_address}])"]
+    if env.tls and not hide:
         version, _, cipher = env.tls.partition(" ")
         out.append(f"(using {version} with cipher {cipher})" if cipher else f"(using {version})")
-    if env.auth_user:
+    if env.auth_user and not hide:
         out.append(f"(authenticated as {env.auth_user})")
     out.append(f"by {hostname} (msa) with {_with_protocol(env)} id {env.queue_id}")
     if len(env.recipients) == 1:  # only one: do not disclose the others
@@ -135,11 +140,11 @@ def received_clauses(env: Envelope, hostname: str) -> list[str]:
 class AddReceivedHeader(Policy):
     name = stage = "received"
 
-    def __init__(self, hostname: str):
-        self.hostname = hostname
+    def __init__(self, hostname: str, private: bool = False):
+        self.hostname, self.private = hostname, private
 
     def apply(self, env, headers):
-        headers.prepend("Received", received_clauses(env, self.hostname))
+        headers.prepend("Received", received_clauses(env, self.hostname, self.private))
 
 
 class RemoveBccHeader(Policy):
@@ -292,7 +297,7 @@ def _header_policies(cfg: Config) -> list[Policy]:
     p = cfg.policies
     out: list[Policy] = []
     if p.add_received:
-        out.append(AddReceivedHeader(cfg.server.hostname))
+        out.append(AddReceivedHeader(cfg.server.hostname, p.private_submission))
     if p.add_date:
         out.append(AddDateHeader())
     if p.add_message_id:
@@ -311,7 +316,7 @@ def stage_policies(name: str, cfg: Config) -> list[Policy]:
         "split": lambda: [RecipientDomainSplit()],
         "date": lambda: [AddDateHeader()],
         "message-id": lambda: [AddMessageIdHeader(host)],
-        "received": lambda: [AddReceivedHeader(host)],
+        "received": lambda: [AddReceivedHeader(host, cfg.policies.private_submission)],
         "remove-bcc": lambda: [RemoveBccHeader()],
     }
     if name not in table:
