@@ -421,7 +421,7 @@ class Runner:
                              start=start, now=now, retry=self.retry, rand=self.rng.random())
         if log.isEnabledFor(logging.INFO):
             for res in results:
-                _log_result(qid, res, now - arrival)
+                _log_result(qid, res, now - arrival, start - arrival, now - start)
             for rcpt, res in out.expired:
                 log.info("%s: to=<%s>, relay=%s, delay=%.1f, dsn=%s, status=expired, "
                          "returned to sender (%s)", qid, rcpt.address, res.relay,
@@ -613,9 +613,26 @@ _smtp_info = InfoWriter(logging.getLogger("msa.smtp"), __file__)
 bounce_log = logging.getLogger("msa.bounce")
 
 
-def _log_result(qid: str, res: RcptResult, delay: float) -> None:
-    """The Postfix-style line of one recipient (``status=sent|bounced|deferred``)."""
+def _log_result(qid: str, res: RcptResult, delay: float, waited: float,
+                attempt: float) -> None:
+    """The Postfix-style line of one recipient (``status=sent|bounced|deferred``).
+    ``delays=a/b/c/d`` as Postfix's: a before this attempt (in the queue,
+    retries' waits included), b 0 (a message goes from active/ to a
+    delivery slot at once), c the connection setup (DNS, connect, EHLO,
+    TLS, AUTH), d the transmission; ``attempt`` is this attempt's length."""
+    c = min(res.setup, attempt) if attempt > 0 else res.setup
+    d = max(0.0, attempt - c)
     # Postfix's field order (pflogsumm parses up to status=); then ours.
     _smtp_info(f"{qid}: to=<{res.address}>, relay={res.relay}, delay={delay:.1f}, "
+               f"delays={_fig(waited)}/0/{_fig(c)}/{_fig(d)}, "
                f"dsn={res.status}, status={_WORD[res.state]} ({res.reply}), "
                f"tls={res.tls or 'none'}")
+
+
+def _fig(seconds: float) -> str:
+    """A delays= figure as Postfix writes one: 0 below 0.01 s, else at
+    most two decimals (0.06, 1.2, 37)."""
+    seconds = max(0.0, seconds)
+    if seconds < 0.01:
+        return "0"
+    return f"{seconds:.2f}".rstrip("0").rstrip(".") if seconds < 10 else f"{seconds:.0f}"

@@ -10,6 +10,7 @@ import email
 import email.policy
 import logging
 import os
+import re
 import time
 
 import pytest
@@ -62,6 +63,7 @@ def test_delivers_from_active_and_removes(tmp_path, sink, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(qid)]
     assert any(f"{qid}: to=<bob@x.test>, relay=127.0.0.1[127.0.0.1]:{sink.port}, delay=" in x
                and ", dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as M1), tls=none" in x
+               and re.search(r", delays=[\d.]+/0/[\d.]+/[\d.]+, dsn=", x)
                for x in lines), lines
     assert f"{qid}: removed" in lines
 

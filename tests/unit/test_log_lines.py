@@ -41,3 +41,9 @@ def test_daemon_names_and_level_prefixes():
                                   "authentication failed: user=a\\nb")
     record = logging.makeLogRecord({"name": "msa.runner", "levelno": logging.INFO, "msg": "x"})
     assert Format("%(message)s", priority=True).format(record) == "<6>x"
+
+
+def test_delays_figures():
+    from msa.delivery.runner import _fig
+    assert [_fig(x) for x in (0, 0.004, 0.011, 0.06, 1.2, 1.234, 9.999, 37.4, -1)] == [
+        "0", "0", "0.01", "0.06", "1.2", "1.23", "10", "37", "0"]
