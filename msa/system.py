@@ -106,3 +106,25 @@ def detach() -> None:
     ctx = daemon.DaemonContext(working_directory="/", umask=0o022, signal_map={},
                                prevent_core=False)
     ctx.open()
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd about the service's state (``READY=1``,
+    ``RELOADING=1``, ``STOPPING=1``, ``STATUS=...``) over
+    ``$NOTIFY_SOCKET``, the datagram protocol of sd_notify(3): a Unix
+    socket path, or ``@name`` for the abstract namespace. Without the
+    variable (not under systemd, or ``Type=`` other than notify) nothing
+    happens. Returns whether a datagram was sent; a failure to send is not
+    an error of the daemon's."""
+    import socket
+    path = os.environ.get("NOTIFY_SOCKET", "")
+    if not path or path[0] not in "/@":
+        return False
+    address = "\0" + path[1:] if path[0] == "@" else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall(state.encode())
+    except OSError:
+        return False
+    return True

@@ -313,6 +313,8 @@ class Daemon:
 
     def _sighup(self) -> None:
         logs.reopen()
+        if self.link is None:
+            system.sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             self.reload()
         except Exception as exc:  # keep running on the old config
@@ -320,6 +322,8 @@ class Daemon:
             self._notify(RELOAD_FAILED)
         else:
             self._notify(RELOADED)
+        if self.link is None:
+            system.sd_notify("READY=1")
 
     def _notify(self, what: bytes) -> None:
         if self.link is not None:
@@ -357,6 +361,8 @@ class Daemon:
         if self.link is not None:
             watch = asyncio.create_task(self.link.watch_parent(self._stop), name="parent")
             self._notify(READY)
+        else:
+            system.sd_notify("READY=1")
         stopper = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         code = 0
@@ -373,6 +379,8 @@ class Daemon:
         return code
 
     async def _shutdown(self, tasks: list[asyncio.Task]) -> None:
+        if self.link is None:
+            system.sd_notify("STOPPING=1")
         grace = self.cfg.daemon.grace
         if self.control is not None:
             await self.control.stop()

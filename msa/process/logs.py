@@ -36,7 +36,8 @@ from msa.logsafe import escape
 # Logger name -> Postfix's name for the daemon doing that work.
 DAEMON_NAMES = {
     "msa.edge": "smtpd", "msa.auth": "smtpd", "msa.pickup": "pickup",
-    "msa.watcher": "cleanup", "msa.cleanup": "cleanup", "spool": "cleanup", "msa.runner": "qmgr", "msa.qmgr": "qmgr",
+    "msa.watcher": "cleanup", "msa.cleanup": "cleanup", "spool": "cleanup",
+    "msa.runner": "qmgr", "msa.qmgr": "qmgr",
     "msa.relay": "smtp", "msa.smtp": "smtp", "msa.bounce": "bounce",
     "msa.daemon": "master", "msa.control": "master", "msa.queue": "postqueue",
 }

@@ -61,7 +61,7 @@ import time
 from dataclasses import dataclass, field
 
 import msa
-from msa import config, sysexits
+from msa import config, sysexits, system
 from msa.admin.control import ControlServer
 from msa.process import logs
 from msa.submission.anvil import AnvilServer
@@ -275,6 +275,7 @@ class Supervisor:
                 self.starting = False
                 log.info("started %s as %d processes: %s (pid %d)", "+".join(self.components),
                          len(self.children), self.describe(), os.getpid())
+                system.sd_notify(f"READY=1\nSTATUS=running as {len(self.children)} processes")
         elif what in (RELOADED, RELOAD_FAILED):
             if child.reload_ack is not None and not child.reload_ack.done():
                 child.reload_ack.set_result(what == RELOADED)
@@ -382,10 +383,13 @@ class Supervisor:
 
     async def _sighup(self) -> None:
         logs.reopen()
+        system.sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             await self.reload()
         except Exception as exc:  # keep running on the old config
             log.error("reload failed: %s", exc)
+        finally:
+            system.sd_notify("READY=1")
 
     # -- running ----------------------------------------------------------
 
@@ -419,6 +423,7 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         self.stopping = True
+        system.sd_notify("STOPPING=1")
         for child in self.children:
             if child.restart is not None:
                 child.restart.cancel()
@@ -468,6 +473,7 @@ def _child_env() -> dict[str, str]:
     PYTHONPATH, so ``python -m msa.cli`` finds the same msa (a checkout
     run through ``bin/msa`` is not on the default path)."""
     env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)      # systemd hears from the supervisor only
     here = os.path.dirname(os.path.dirname(os.path.abspath(msa.__file__)))
     env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
