@@ -19,13 +19,14 @@ COMMANDS = {
     "config": ("msa.admin.check", "print the configuration (-n: what differs from the defaults)"),
     "queue": ("msa.admin.queuecmd", "list, show, delete, hold, release, flush"),
     "user": ("msa.admin.usercmd", "add, remove, list users; set a password"),
+    "set-permissions": ("msa.admin.permissions", "create the spool, repair owners and modes"),
     "demo": ("msa.admin.demo", "set up and run a working loopback instance"),
 }
 
 
 def usage() -> str:
     lines = ["usage: msa COMMAND [options]  (msa COMMAND --help)", ""]
-    lines += [f"  {name:<8} {doc}" for name, (_, doc) in COMMANDS.items()]
+    lines += [f"  {name:<15} {doc}" for name, (_, doc) in COMMANDS.items()]
     return "\n".join(lines)
 
 

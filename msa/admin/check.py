@@ -25,6 +25,7 @@ import sys
 from typing import Any
 
 from msa import config, sysexits
+from msa.admin.common import args_and_config
 
 
 
@@ -241,15 +242,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("-C", "--config", help="the configuration file (see msa.toml(5))")
     if command == "config":
         p.add_argument("-n", action="store_true", help="only what differs from the defaults")
-    try:
-        args = p.parse_args(rest)
-    except SystemExit as exc:
-        return sysexits.EX_OK if exc.code == 0 else sysexits.EX_USAGE
-    try:
-        cfg = config.load(args.config)
-    except config.ConfigError as exc:
-        print(f"msa {command}: {exc}", file=sys.stderr)
-        return sysexits.EX_CONFIG
+    loaded = args_and_config(p, rest, f"msa {command}")
+    if isinstance(loaded, int):
+        return loaded
+    args, cfg = loaded
     if command == "config":
         sys.stdout.write(render(cfg, only_changed=args.n))
         return sysexits.EX_OK

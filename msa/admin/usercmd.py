@@ -21,6 +21,7 @@ import getpass
 import sys
 
 from msa import config, sysexits
+from msa.admin.common import args_and_config
 from msa.submission.auth import PasswdEntry, PasswdFile, hash_password, locked, valid_username
 
 MIN_PASSWORD = 1
@@ -65,15 +66,10 @@ def read_password(from_stdin: bool) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        args = parser().parse_args(argv)
-    except SystemExit as exc:
-        return sysexits.EX_OK if exc.code == 0 else sysexits.EX_USAGE
-    try:
-        cfg = config.load(args.config)
-    except config.ConfigError as exc:
-        print(f"msa user: {exc}", file=sys.stderr)
-        return sysexits.EX_CONFIG
+    loaded = args_and_config(parser(), argv, "msa user")
+    if isinstance(loaded, int):
+        return loaded
+    args, cfg = loaded
     path = cfg.auth.passwd_file
     if args.action == "list":
         return list_users(cfg, path)
