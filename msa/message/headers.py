@@ -194,16 +194,23 @@ def display_name_problem(text: str) -> str:
 
     Refused: a control character (C0, DEL or C1: CR and LF would end the
     field and start another, RFC 5322 §2.2), a lone surrogate (bytes of the
-    command line that are not UTF-8), more than :data:`MAX_DISPLAY_NAME`
-    characters. 8-bit text is fine: :func:`from_field` encodes it."""
+    command line that are not UTF-8), any other character that is not
+    printable (formatting characters such as U+202E, which reverses the
+    text a reader sees; separators; unassigned code points), more than
+    :data:`MAX_DISPLAY_NAME` characters. 8-bit text is fine:
+    :func:`from_field` encodes it."""
     if len(text) > MAX_DISPLAY_NAME:
         return f"longer than {MAX_DISPLAY_NAME} characters"
+    if text.isprintable():
+        return ""
     for c in text:
         o = ord(c)
         if o < 32 or 127 <= o < 160:
             return f"control character {c!r}"
         if 0xD800 <= o < 0xE000:
             return "not valid UTF-8"
+        if not c.isprintable():
+            return f"unprintable character U+{o:04X}"
     return ""
 
 

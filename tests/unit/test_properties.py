@@ -180,3 +180,13 @@ def test_escaped_log_text_is_one_printable_line(text):
     assert out.isprintable()
     if text.isprintable():
         assert out == text
+
+
+def test_unprintable_full_names_found_by_the_fuzzer():
+    """Regressions: an unassigned code point (found by hypothesis) and
+    U+202E (right-to-left override, which would reverse what a reader
+    sees of the name) are refused by -F like control characters."""
+    from msa.submission.sendmail_args import UsageError, parse_args
+    for name in ("\ud7fc", "evil\u202etxt.exe", "a\u2028b"):
+        with pytest.raises(UsageError, match="unprintable"):
+            parse_args(["-F", name, "r@x.test"])
