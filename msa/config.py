@@ -48,6 +48,9 @@ class ServerConfig:
     # Domain appended to bare recipients ("root" from cron) and to local
     # senders without a domain.
     domain: str = ""
+    # Who hears of a bounce that could not be delivered (Postfix's
+    # 2bounce_notice_recipient); a bare name gets `domain`; "" : nobody.
+    postmaster: str = "postmaster"
 
 
 @dataclass

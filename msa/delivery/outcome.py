@@ -15,7 +15,10 @@ Rules, each from the runner's contract (``msa.delivery.runner``):
   and the last reply as the diagnostic.
 - Failed recipients get a DSN (RFC 3464) unless they asked for none
   (``NOTIFY`` without FAILURE, or NEVER: RFC 3461 §4.1) or the sender is
-  null: a bounce is never bounced.
+  null: a bounce is never bounced. Instead, its failed recipients are
+  reported to the postmaster (``notice``; the runner sends it when
+  ``[server] postmaster`` is set), unless the failed message is itself
+  such a notice (Origin :data:`DOUBLE_BOUNCE`): then it is dropped.
 - Deferred recipients get one delay warning (``NOTIFY`` absent or with
   DELAY) when ``[retry] delay_warning`` is set and the message is at least
   that old, once per message (``Delay-Warned``); never for a null sender.
@@ -38,6 +41,9 @@ from msa.message.queuefile import Envelope, Recipient, utc_iso
 from msa.protocol.replies import status_of
 
 EXPIRED = "4.4.7"
+# The Origin of a notice to the postmaster about an undeliverable bounce
+# (Postfix's 2bounce_notice_recipient): one that fails is dropped.
+DOUBLE_BOUNCE = "double-bounce"
 
 
 @dataclass
@@ -49,6 +55,9 @@ class Outcome:
     expired: list[tuple[Recipient, RcptResult]] = field(default_factory=list)
     bounce: list[RecipientReport] = field(default_factory=list)    # the DSN, if any
     warn: list[RecipientReport] = field(default_factory=list)      # the delay warning
+    # A bounce (null sender) that failed: what the postmaster is told,
+    # unless the failed message was such a notice itself (never a loop).
+    notice: list[RecipientReport] = field(default_factory=list)
     due: float | None = None                            # None: remove the file
 
     @property
@@ -102,6 +111,10 @@ def decide(env: Envelope, todo: list[Recipient], results: list[RcptResult], *,
         out.bounce = [RecipientReport(rcpt.address, "failed", status, res.reply, res.host,
                                       rcpt.orcpt, last_attempt=now)
                       for rcpt, res, status in out.failed if wants(rcpt, "FAILURE")]
+    elif new.origin != DOUBLE_BOUNCE:
+        out.notice = [RecipientReport(rcpt.address, "failed", status, res.reply, res.host,
+                                      rcpt.orcpt, last_attempt=now)
+                      for rcpt, res, status in out.failed]
     if deferred:
         out.due = backoff.next_attempt(retry, attempt, arrival, now, rand, life)
         new.next_attempt = utc_iso(out.due)

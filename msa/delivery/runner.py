@@ -429,21 +429,28 @@ class Runner:
         new = out.envelope
         # DSNs first: a crash before the file records the failure
         # duplicates a DSN, it never loses one.
-        if out.failed and new.sender == "":
+        postmaster = self._postmaster()
+        if out.failed and new.sender == "" and not (out.notice and postmaster):
             for rcpt, res, _ in out.failed:
                 log.info("%s: to=<%s>: not bouncing a message from the null sender; "
                          "dropped (%s)", qid, rcpt.address, res.reply)
-        for reports, what in ((out.bounce, "non-delivery"), (out.warn, "delay")):
+        for reports, what, to in ((out.bounce, "non-delivery", None),
+                                  (out.warn, "delay", None),
+                                  (out.notice if postmaster else [], "postmaster", postmaster)):
             if reports:
                 try:
                     dsn_qid = await asyncio.to_thread(self._spool_dsn, new, f, offset, qid,
-                                                      reports, arrival, now)
+                                                      reports, arrival, now, to)
                 except (OSError, SpoolError) as exc:
                     # Not recorded either: the next attempt reports again.
                     await self._record_failed(claim, qid, attempt,
                                               now + self.retry.min_delay, exc)
                     return
-                bounce_log.info("%s: sender %s notification: %s", qid, what, dsn_qid)
+                if to is None:
+                    bounce_log.info("%s: sender %s notification: %s", qid, what, dsn_qid)
+                else:   # Postfix: "postmaster non-delivery notification"
+                    bounce_log.info("%s: postmaster non-delivery notification: %s (to <%s>)",
+                                    qid, dsn_qid, to)
         if out.remove:
             await self._finish(claim, qid)
         else:
@@ -530,10 +537,20 @@ class Runner:
 
     # -- DSNs ------------------------------------------------------------------
 
+    def _postmaster(self) -> str:
+        """``[server] postmaster``, qualified; "" when unset."""
+        who = self.cfg.server.postmaster.strip()
+        if who and "@" not in who and self.cfg.domain:
+            who = f"{who}@{self.cfg.domain}"
+        return who
+
     def _spool_dsn(self, env: Envelope, f, offset: int, qid: str,
-                   reports: list[RecipientReport], arrival: float, now: float) -> str:
+                   reports: list[RecipientReport], arrival: float, now: float,
+                   to: str | None = None) -> str:
         """Write the DSN into ``incoming/``; it reads at most
-        ``dsn_original_limit`` bytes of the original."""
+        ``dsn_original_limit`` bytes of the original. ``to``: the
+        postmaster, for a bounce that failed (the notice's Origin is
+        :data:`outcome.DOUBLE_BOUNCE`, so that its own failure is dropped)."""
         size = int(env.size)
         limit = self.retry.dsn_original_limit
         head = os.pread(f.fileno(), min(size, limit), offset)
@@ -541,13 +558,15 @@ class Runner:
         while boundary.encode() in head:
             boundary = f"{qid}/{self.rng.getrandbits(64):016x}"
         req = DsnRequest(queue_id=qid, reporting_mta=self.cfg.server.hostname,
-                         sender=env.sender, arrival=arrival, now=now, recipients=reports,
+                         sender=env.sender if to is None else to, arrival=arrival, now=now, recipients=reports,
                          original_size=size, original_head=head, boundary=boundary,
                          envid=env.envid, ret=env.ret,
                          eight_bit=env.body.upper() == "8BITMIME", limit=limit)
         dsn = build_dsn(req)
         dsn_qid = new_id()
         denv = dsn_envelope(req, dsn, dsn_qid)
+        if to is not None:
+            denv.origin = outcome.DOUBLE_BOUNCE
         with self.spool.writer("incoming", dsn_qid) as w:
             for part in (denv.to_bytes(), dsn.head, head[:dsn.include], dsn.tail):
                 w.write(part)

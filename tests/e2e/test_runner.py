@@ -169,10 +169,47 @@ def test_expiry_bounces_with_dsn_and_leaves_queue(tmp_path, sink):
     run(go())
 
 
-def test_null_sender_never_gets_a_dsn(tmp_path, sink, caplog):
+def _no_postmaster(cfg_path):
+    text = cfg_path.read_text().replace('domain = "example.org"\n',
+                                        'domain = "example.org"\npostmaster = ""\n', 1)
+    cfg_path.write_text(text)
+    return load_config(cfg_path)
+
+
+def test_a_failed_bounce_goes_to_the_postmaster_once(tmp_path, sink, caplog):
+    """A bounce (null sender) that fails is never bounced; the postmaster
+    ([server] postmaster, qualified) hears of it, once: that notice
+    failing in turn is dropped (Postfix's 2bounce_notice_recipient)."""
     caplog.set_level(logging.INFO, logger="msa")
     sink.rules = {"*": "550 5.1.1 No such user"}
     cfg = cfg_for(tmp_path, sink)
+
+    async def go():
+        async with RunnerHarness(cfg) as h:
+            qid = write_queue_file(h.spool, "active", "", ["bob@x.test"], MSG, bounce_of="X1")
+            await h.until(lambda: h.names("incoming"), what="the notice")
+            [(env, message)] = [(e, m) for e, m in incoming_dsns(h)]
+            assert env.sender == "" and env.origin == "double-bounce" and env.bounce_of == qid
+            assert [r.address for r in env.recipients] == ["postmaster@example.org"]
+            assert "bob@x.test" in message.as_string()
+            # The notice itself cannot be delivered: dropped, nothing new.
+            notice = h.names("incoming")[0]
+            os.rename(h.spool.path("incoming", notice), h.spool.path("active", notice))
+            await h.until(h.queue_empty, what="the notice dropped")
+            assert h.names("incoming") == []
+            return qid, notice
+    qid, notice = run(go())
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(f"{qid}: postmaster non-delivery notification: {notice}" in x for x in lines)
+    assert any(f"{notice}: to=<postmaster@example.org>: not bouncing a message from the null "
+               "sender" in x for x in lines), lines
+
+
+def test_without_a_postmaster_a_failed_bounce_is_dropped(tmp_path, sink, caplog):
+    caplog.set_level(logging.INFO, logger="msa")
+    sink.rules = {"*": "550 5.1.1 No such user"}
+    cfg = _no_postmaster(relay_config(tmp_path, None,
+                                      {"force_mx": {"x.test": f"127.0.0.1:{sink.port}"}}))
 
     async def go():
         async with RunnerHarness(cfg) as h:
@@ -187,7 +224,9 @@ def test_null_sender_never_gets_a_dsn(tmp_path, sink, caplog):
 def test_failed_bounce_is_dropped_after_bounce_lifetime_not_looped(tmp_path, sink, caplog):
     caplog.set_level(logging.INFO, logger="msa")
     sink.rules = {"*": "451 4.3.0 later"}
-    cfg = cfg_for(tmp_path, sink, retry={"bounce_lifetime": 3600.0})
+    cfg = _no_postmaster(relay_config(tmp_path, None,
+                                      {"force_mx": {"x.test": f"127.0.0.1:{sink.port}"}},
+                                      {"bounce_lifetime": 3600.0}))
     clock = support.FakeClock()
 
     async def go():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from msa.config import RetryConfig
-from msa.delivery.outcome import EXPIRED, decide, wants
+from msa.delivery.outcome import DOUBLE_BOUNCE, EXPIRED, decide, wants
 from msa.delivery.relay import RcptResult
 from msa.message.queuefile import Envelope, Recipient, utc_iso
 
@@ -125,3 +125,17 @@ def test_delay_warning(age, warned_before, sender, notify, expect):
 ])
 def test_wants(notify, what, expect):
     assert wants(Recipient("r@y.test", notify=notify), what) is expect
+
+
+def test_a_failed_bounce_is_reported_to_the_postmaster_once():
+    out = run(env_of("", ("a@x.test", ""), ("b@x.test", "")), [GONE, SENT], age=10)
+    assert [(r.address, r.status) for r in out.notice] == [("a@x.test", "5.1.1")]
+    assert out.bounce == [] and out.remove
+    # The notice itself failing: nothing more.
+    notice = env_of("", ("postmaster@x.test", ""))
+    notice.origin = DOUBLE_BOUNCE
+    out = run(notice, [GONE], age=10)
+    assert out.notice == [] and out.bounce == [] and out.remove
+    # A message with a sender is bounced to it, the postmaster not told.
+    out = run(env_of("s@x.test", ("a@x.test", "")), [GONE], age=10)
+    assert out.notice == [] and len(out.bounce) == 1
