@@ -44,7 +44,7 @@ from msa import config, logsafe, sysexits
 from msa.admin.control import send_control
 from msa.admin.mailq import list_queue
 from msa.store import open_spool
-from spool import Spool, SpoolError, valid_name
+from spool import Spool, SpoolError, fsync_dir, valid_name
 
 PROG = "msa queue"
 HOLDABLE = ("active", "deferred/")
@@ -120,16 +120,47 @@ def delete(spool: Spool, qid: str) -> None:
     _claim(spool, locate(spool, qid), qid).done()
 
 
+class Progress:
+    """``N messages ...`` rewritten in place on a terminal (stderr) at
+    most ten times a second, for long runs; nothing when stderr is not a
+    terminal (the summary line says what was done)."""
+
+    def __init__(self, what: str, stream=None, clock=time.monotonic):
+        self.what, self.stream, self.clock = what, stream or sys.stderr, clock
+        self.on = self.stream.isatty()
+        self.shown = 0.0
+        self.count = 0
+
+    def step(self) -> None:
+        self.count += 1
+        if self.on and self.clock() - self.shown >= 0.1:
+            self.shown = self.clock()
+            self.stream.write(f"\r{PROG}: {self.what}: {self.count} messages")
+            self.stream.flush()
+
+    def end(self) -> None:
+        if self.on and self.shown:
+            self.stream.write("\r\033[K")     # the summary line replaces it
+            self.stream.flush()
+
+
 def delete_all(cfg: config.Config, spool: Spool) -> int:
     """Delete every message of every stage but corrupt/; returns how many."""
-    count = 0
+    progress = Progress("deleting")
     for stage in [*cfg.stages(), *spool.deferred_stages(), "hold"]:
+        before = progress.count
         for qid in spool.names(stage):
             claim = spool.claim(stage, qid)
             if claim is not None:
-                claim.done()
-                count += 1
-    return count
+                # One directory fsync per stage, not per file (30,000
+                # messages took 47 s): until it, a crash may bring a
+                # deleted file back, never lose one that was kept.
+                claim.done(sync_dir=False)
+                progress.step()
+        if progress.count > before:
+            fsync_dir(spool.root / stage)
+    progress.end()
+    return progress.count
 
 
 def corrupt_entries(spool: Spool, now: float | None = None) -> list[dict]:

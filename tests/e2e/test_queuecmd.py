@@ -179,3 +179,33 @@ def test_purge_corrupt_with_keep_forever(tmp_path):
     assert r.returncode == 64 and b"--older-than DAYS or --all" in r.stderr
     assert queue(path, "purge-corrupt", "--all").returncode == 0
     assert os.listdir(root / "corrupt") == []
+
+
+def test_delete_all_shows_progress_on_a_terminal(cfg):
+    """On a terminal: a progress line rewritten in place, then the
+    summary; through a pipe: the summary only."""
+    import pty
+    root = ss.spool_root(cfg)
+    for n in range(50):
+        ss.write_queue_file(root, "active", f"66168A0F24AC00000{n:05d}",
+                            ss.envelope("a@x.test", "r@y.test"), b"x\r\n")
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(sys.executable, [sys.executable, ss.MSA, "queue", "delete", "ALL", "--yes"],
+                  support.msa_env(cfg))
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.waitpid(pid, 0)
+    text = out.decode()
+    assert "\rmsa queue: deleting: 1 messages" in text, text
+    assert text.rstrip().endswith("msa queue: Deleted: 53 messages"), text   # 50 + A, B, C
+    assert list(open_spool(config.load(str(cfg)), create=False).names("active")) == []
+    piped = queue(cfg, "delete", "ALL", "--yes")
+    assert piped.stderr == b"msa queue: Deleted: 0 messages\n"
