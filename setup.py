@@ -25,5 +25,5 @@ setup(
     ]},
     data_files=[("share/man/man1", ["man/sendmail.1", "man/mailq.1"]),
                 ("share/man/man5", ["man/msa.toml.5", "man/msa-spool.5"]),
-                ("share/man/man8", ["man/msa.8"])],
+                ("share/man/man8", ["man/msa.8", "man/msa-queue.8", "man/msa-user.8"])],
 )

@@ -85,3 +85,18 @@ def test_msa8_names_every_daemon_option(command, capsys):
     man8 = (support.ROOT / "man" / "msa.8").read_text().replace("\\-", "-")
     missing = {o for o in options if not re.search(rf"{re.escape(o)}(?![\w-])", man8)}
     assert not missing, f"msa(8) does not document {sorted(missing)}"
+
+
+def test_every_command_and_queue_action_has_its_man_page():
+    from msa.admin.queuecmd import _parser
+    from msa.cli import COMMANDS
+    msa8 = (support.ROOT / "man" / "msa.8").read_text()
+    synopsis = msa8.replace("\\-", "-").split(".SH DESCRIPTION")[0]
+    for name in COMMANDS:
+        own = support.ROOT / "man" / f"msa-{name}.8"
+        assert own.exists() or re.search(rf'(msa |\| ){re.escape(name)}\b', synopsis), name
+    queue8 = (support.ROOT / "man" / "msa-queue.8").read_text().replace("\\-", "-")
+    actions = re.search(r"\{([\w,-]+)\}", _parser().format_usage()).group(1).split(",")
+    assert "requeue" in actions and "purge-corrupt" in actions
+    for action in actions:
+        assert re.search(rf"^\.(?:BI?|BR) {re.escape(action)}\b", queue8, re.M), action
