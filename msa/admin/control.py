@@ -12,9 +12,12 @@ Invariants:
   timeout), so ``sendmail -q`` works with the daemon down.
 - Requests are bounded: a line longer than :data:`MAX_LINE` is refused,
   a client that sends nothing is dropped after :data:`READ_TIMEOUT`.
-- ``flush`` and ``status`` may be asked by any local user (like Postfix's
-  ``authorized_flush_users = anyone``); ``reload`` only by root or the
-  daemon's own uid (checked with ``SO_PEERCRED``).
+- ``flush``, ``status`` and ``mailq`` may be asked by any local user
+  (like Postfix's ``authorized_flush_users`` and ``authorized_mailq_users``,
+  both ``static:anyone``); ``reload`` only by root or the daemon's own uid
+  (checked with ``SO_PEERCRED``).
+- ``mailq`` and ``mailq-json`` answer ``ok``, a line break and the whole
+  listing (:func:`fetch` reads it), made by the daemon with its rights.
 - Unix socket paths are limited to ~107 bytes (``sun_path``); a longer path
   is reached through ``/proc/self/fd/<dirfd>/<name>``.
 """
@@ -81,6 +84,34 @@ def send_to(path: str, line: str, timeout: float = 5.0) -> str | None:
     if not buf:
         return None
     return buf.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+
+
+def fetch(cfg, command: str, timeout: float = 60.0, limit: int = 256 << 20) -> str | None:
+    """A command whose answer is ``ok`` and then text up to the end of
+    the connection (``mailq``): the text, or None when no daemon answers
+    or it refused."""
+    path = cfg.control_socket()
+    if not os.path.exists(path):
+        return None
+    chunks, size = [], 0
+    try:
+        with _short_path(path) as addr, \
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(addr)
+            sock.sendall(command.encode("ascii") + b"\n")
+            while size <= limit:
+                data = sock.recv(1 << 16)
+                if not data:
+                    break
+                chunks.append(data)
+                size += len(data)
+    except OSError:
+        return None
+    head, _, body = b"".join(chunks).partition(b"\n")
+    if head.strip() != b"ok":
+        return None
+    return body.decode("utf-8", "replace")
 
 
 def _peer_uid(writer: asyncio.StreamWriter) -> int | None:

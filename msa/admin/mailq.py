@@ -227,6 +227,53 @@ def write_json(entries: Iterable[Entry], out: IO[str]) -> int:
     return count
 
 
+NOT_OURS = ("the queue files are the mail system's: senders and recipients are shown "
+            "to root and the spool's owner, or by a running daemon")
+
+
+def show_queue(cfg: Config, spool: Spool, out: IO[str], as_json: bool = False) -> list[str]:
+    """:func:`list_queue`, or, for a user who does not own the spool (the
+    queue files are 0640, the daemon's), the daemon's own listing over the
+    control socket, made with its rights: what Postfix's ``mailq`` gets
+    from its ``showq`` service (any local user may list the queue, as
+    Postfix's ``authorized_mailq_users = static:anyone``). With no daemon
+    answering, the local listing and a problem that says why the senders
+    are missing."""
+    if os.geteuid() == 0 or _owns(spool):
+        return list_queue(cfg, spool, out, as_json)
+    from msa.admin.control import fetch
+    text = fetch(cfg, "mailq-json" if as_json else "mailq")
+    if text is not None:
+        out.write(text)
+        return []
+    return [*list_queue(cfg, spool, out, as_json), NOT_OURS]
+
+
+def _owns(spool: Spool) -> bool:
+    try:
+        return os.stat(spool.root).st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
+def listing_text(cfg: Config, spool: Spool, as_json: bool) -> str:
+    """The whole listing as one string (the control socket's ``mailq``)."""
+    import io
+    buf = io.StringIO()
+    list_queue(cfg, spool, buf, as_json)
+    return buf.getvalue()
+
+
+def queue_listing(cfg: Config, spool: Spool) -> dict:
+    """The control socket's handlers ``mailq`` and ``mailq-json``: the
+    queue listed in a thread with the daemon's rights (:func:`show_queue`)."""
+    import asyncio
+
+    async def listing(as_json: bool) -> str:
+        return "\n" + await asyncio.to_thread(listing_text, cfg, spool, as_json)
+    return {"mailq": lambda: listing(False), "mailq-json": lambda: listing(True)}
+
+
 def list_queue(cfg: Config, spool: Spool, out: IO[str], as_json: bool = False) -> list[str]:
     """List the whole queue on ``out``; returns the problems met (stages
     that could not be listed, e.g. ``maildrop/`` for a user who is not

@@ -42,7 +42,7 @@ import time
 
 from msa import config, logsafe, sysexits
 from msa.admin.control import send_control
-from msa.admin.mailq import list_queue
+from msa.admin.mailq import show_queue
 from msa.store import open_spool
 from spool import Spool, SpoolError, fsync_dir, valid_name
 
@@ -269,8 +269,12 @@ def flush_command(cfg: config.Config, verbose: bool, prog: str) -> int:
               "and no daemon answers on the control socket", file=sys.stderr)
         return sysexits.EX_NOPERM
     if verbose:
-        told = "daemon notified" if answer else "no daemon running; they go when it starts"
-        print(f"{prog}: {touched} deferred messages due now; {told}", file=sys.stderr)
+        if denied:      # a user who may not touch the files: the daemon does it
+            print(f"{prog}: the daemon makes every deferred message due now (this user "
+                  "may not change the queue files)", file=sys.stderr)
+        else:
+            told = "daemon notified" if answer else "no daemon running; they go when it starts"
+            print(f"{prog}: {touched} deferred messages due now; {told}", file=sys.stderr)
     return sysexits.EX_OK
 
 
@@ -281,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
         return flush_command(cfg, True, PROG)
     spool = open_spool(cfg, create=False)
     if args.action == "list":
-        problems = list_queue(cfg, spool, sys.stdout, as_json=args.json)
+        problems = show_queue(cfg, spool, sys.stdout, as_json=args.json)
         for problem in problems:
             print(f"{PROG}: {problem}", file=sys.stderr)
         return sysexits.EX_NOPERM if problems else sysexits.EX_OK

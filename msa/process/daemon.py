@@ -44,6 +44,7 @@ import time
 
 from msa import config, sysexits, system
 from msa.admin.control import ControlServer
+from msa.admin.mailq import queue_listing
 from msa.process import logs
 from msa.process.supervisor import (
     READY,
@@ -273,7 +274,8 @@ class Daemon:
             self.runner = Runner(self.cfg, self.spool)
         if "deliver" in self.components and self.link is None:
             self.control = ControlServer(self.cfg.control_socket(), {
-                "flush": self.flush, "reload": self.reload, "status": self.status})
+                "flush": self.flush, "reload": self.reload, "status": self.status,
+                **queue_listing(self.cfg, self.spool)})
 
     async def start(self) -> None:
         """Bind everything, then drop privileges."""

@@ -36,9 +36,9 @@ one runner. Invariants:
 - The supervisor serves the control socket. ``flush`` reaches the runner
   as SIGUSR1. A signal is sent to a child only after its ``R`` (before it,
   the default action of SIGHUP/SIGUSR1 would kill it; a child ignores
-  both until it is ready); a reload asked for meanwhile is sent when
-  ``R`` arrives, and a flush is not needed: a starting runner scans
-  ``deferred/`` anyway.
+  both until it is ready); a reload or a flush asked for meanwhile is
+  sent when ``R`` arrives (a starting runner scans ``deferred/`` but
+  takes only what is due).
 - Children do not outlive the supervisor: each asks the kernel for
   SIGTERM when its parent dies (``PR_SET_PDEATHSIG``, asked again after
   dropping privileges, which clears it) and also stops when its parent
@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 import msa
 from msa import config, sysexits, system
 from msa.admin.control import ControlServer
+from msa.admin.mailq import queue_listing
 from msa.process import logs
 from msa.submission.anvil import AnvilServer
 
@@ -169,6 +170,7 @@ class Child:
     started: float = 0.0
     failures: int = 0
     reload_pending: bool = False
+    flush_pending: bool = False
     reload_ack: asyncio.Future | None = None
     restart: asyncio.TimerHandle | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
@@ -271,6 +273,9 @@ class Supervisor:
             if child.reload_pending:
                 child.reload_pending = False
                 self._signal(child, signal.SIGHUP)
+            if child.flush_pending:
+                child.flush_pending = False
+                self._signal(child, signal.SIGUSR1)
             if self.starting and all(c.ready for c in self.children):
                 self.starting = False
                 log.info("started %s as %d processes: %s (pid %d)", "+".join(self.components),
@@ -335,8 +340,13 @@ class Supervisor:
 
     def flush(self) -> str:
         for child in self.children:
-            if child.component == "deliver" and child.ready:
-                self._signal(child, signal.SIGUSR1)
+            if child.component == "deliver":
+                if child.ready:
+                    self._signal(child, signal.SIGUSR1)
+                else:
+                    # A starting runner scans deferred/ but takes only
+                    # what is due: the flush is sent once it is ready.
+                    child.flush_pending = True
         return "flushing"
 
     async def reload(self) -> str:
@@ -399,7 +409,8 @@ class Supervisor:
         if any(recovered.values()):
             log.info("recovered spool: removed %(tmp)d temp files, %(claims)d claims", recovered)
         self.control = ControlServer(self.cfg.control_socket(), {
-            "flush": self.flush, "reload": self.reload, "status": self.status},
+            "flush": self.flush, "reload": self.reload, "status": self.status,
+            **queue_listing(self.cfg, self.spool)},
             owner_uid=_uid_of(self.cfg.daemon.user))
         try:
             await self.control.start()

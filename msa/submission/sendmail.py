@@ -39,7 +39,7 @@ import time
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from msa import config, sysexits
-from msa.admin.mailq import list_queue
+from msa.admin.mailq import show_queue
 from msa.admin.queuecmd import flush_command
 from msa.message import queuefile
 from msa.message.headers import (
@@ -364,7 +364,7 @@ def run(opts: Options, stdin: BinaryIO, stdout: BinaryIO) -> int:
         raise Failure(str(exc), sysexits.EX_CONFIG) from None
     if opts.mode == "list":
         try:
-            problems = list_queue(cfg, open_spool(cfg, create=False), sys.stdout,
+            problems = show_queue(cfg, open_spool(cfg, create=False), sys.stdout,
                                   as_json=opts.json)
         except SpoolError as exc:
             raise spool_failure(exc) from None
