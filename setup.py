@@ -22,8 +22,9 @@ setup(
         "msa=msa.cli:main",
         "sendmail=msa.submission.sendmail:main",
         "mailq=msa.submission.sendmail:mailq_main",
+        "newaliases=msa.submission.sendmail:newaliases_main",
     ]},
-    data_files=[("share/man/man1", ["man/sendmail.1", "man/mailq.1"]),
+    data_files=[("share/man/man1", ["man/sendmail.1", "man/mailq.1", "man/newaliases.1"]),
                 ("share/man/man5", ["man/msa.toml.5", "man/msa-spool.5"]),
                 ("share/man/man8", ["man/msa.8", "man/msa-queue.8", "man/msa-user.8"])],
 )

@@ -20,6 +20,7 @@ COMMANDS = {
     "queue": ("msa.admin.queuecmd", "list, show, delete, hold, release, flush"),
     "user": ("msa.admin.usercmd", "add, remove, list users; set a password"),
     "set-permissions": ("msa.admin.permissions", "create the spool, repair owners and modes"),
+    "route": ("msa.admin.route", "where mail to an address would go (aliases, rules, relay)"),
     "demo": ("msa.admin.demo", "set up and run a working loopback instance"),
 }
 

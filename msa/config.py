@@ -51,6 +51,9 @@ class ServerConfig:
     # Who hears of a bounce that could not be delivered (Postfix's
     # 2bounce_notice_recipient); a bare name gets `domain`; "" : nobody.
     postmaster: str = "postmaster"
+    # Where mail to root and postmaster goes when the aliases file does
+    # not say (so they work with no aliases file at all); "" : nowhere else.
+    admin: str = ""
 
 
 @dataclass
@@ -119,6 +122,9 @@ class PoliciesConfig:
     # address, name, HELO and TLS details (msa.cleanup.policies).
     private_submission: bool = False
     remove_bcc: bool = True
+    # The aliases file (traditional /etc/aliases format), compiled by
+    # newaliases; applied in the forward stage. "" : none.
+    aliases: str = ""
     # Forward: list of [regex, replacement] applied to each recipient.
     forward: list[list[str]] = field(default_factory=list)
     # A header section larger than this sends the message to corrupt/.
@@ -219,6 +225,7 @@ class Config:
 
 
 _PATH_KEYS = {("spool", "root"), ("edge", "certfile"), ("edge", "keyfile"),
+              ("policies", "aliases"),
               ("auth", "passwd_file"), ("relay", "cafile"),
               ("relay", "smarthost_password_file"), ("daemon", "pidfile"),
               ("daemon", "control_socket")}

@@ -201,3 +201,18 @@ class Proc:
 
 def have(program: str) -> bool:
     return shutil.which(program) is not None or os.path.exists(program)
+
+
+_seen: dict[int, bytes] = {}
+
+
+def read_so_far(proc: "Proc") -> bytes:
+    """What a :class:`Proc` has written to its stdout pipe so far, read
+    without blocking (kept across calls)."""
+    fd = proc.p.stdout.fileno()
+    os.set_blocking(fd, False)
+    try:
+        _seen[fd] = _seen.get(fd, b"") + (os.read(fd, 1 << 16) or b"")
+    except BlockingIOError:
+        pass
+    return _seen.get(fd, b"")

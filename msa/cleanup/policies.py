@@ -190,19 +190,27 @@ class Forward(Policy):
         return [address]
 
     def apply(self, env, headers):
-        seen: set[str] = set()
-        out: list[Recipient] = []
-        for rcpt in env.recipients:
-            for address in self.rewrite(rcpt.address):
-                if any(c in address for c in "\r\n\x00<> ") or len(address) > 254:
-                    address = rcpt.address  # a rule that yields garbage is ignored
-                key = _address_key(address)
-                if key not in seen:
-                    seen.add(key)
-                    out.append(Recipient(address, rcpt.state, rcpt.reply, rcpt.notify,
-                                         rcpt.orcpt or (f"rfc822;{rcpt.address}"
-                                                        if address != rcpt.address else "")))
-        env.recipients = out
+        replace_recipients(env, self.rewrite)
+
+
+def replace_recipients(env, rewrite) -> None:
+    """Each recipient replaced by ``rewrite(address)`` (a list): a new
+    address keeps the original as its ORCPT (RFC 3461), an address that
+    could not be one (a rule yielding garbage) is the original again,
+    duplicates go (domain compared without case)."""
+    seen: set[str] = set()
+    out: list[Recipient] = []
+    for rcpt in env.recipients:
+        for address in rewrite(rcpt.address):
+            if any(c in address for c in "\r\n\x00<> ") or len(address) > 254:
+                address = rcpt.address
+            key = _address_key(address)
+            if key not in seen:
+                seen.add(key)
+                out.append(Recipient(address, rcpt.state, rcpt.reply, rcpt.notify,
+                                     rcpt.orcpt or (f"rfc822;{rcpt.address}"
+                                                    if address != rcpt.address else "")))
+    env.recipients = out
 
 
 def recipient_domain(address: str) -> str:
@@ -307,12 +315,39 @@ def _header_policies(cfg: Config) -> list[Policy]:
     return out
 
 
+class Aliases(Policy):
+    """Expand local recipients through the aliases table
+    (:mod:`msa.cleanup.aliases`); each new address keeps the original as
+    its ORCPT (RFC 3461), duplicates go."""
+
+    name = stage = "aliases"
+
+    def __init__(self, table):
+        self.table = table
+
+    def apply(self, env, headers):
+        replace_recipients(env, self.table.expand)
+
+
+def _forward_policies(cfg: Config) -> list[Policy]:
+    """The forward stage: aliases (when a file or [server] admin is set),
+    then the forward rules."""
+    from msa.cleanup import aliases
+    out: list[Policy] = []
+    if cfg.policies.aliases or cfg.server.admin:
+        table = aliases.load(cfg.policies.aliases)
+        out.append(Aliases(aliases.AliasTable(table, cfg.domain, cfg.server.admin)))
+    if cfg.policies.forward:
+        out.append(Forward(_rules(cfg)))
+    return out
+
+
 def stage_policies(name: str, cfg: Config) -> list[Policy]:
     """The policies a stage name in ``[policies].stages`` runs."""
     host = cfg.server.hostname
     table = {
         "headers": lambda: _header_policies(cfg),
-        "forward": lambda: [Forward(_rules(cfg))] if cfg.policies.forward else [],
+        "forward": lambda: _forward_policies(cfg),
         "split": lambda: [RecipientDomainSplit()],
         "date": lambda: [AddDateHeader()],
         "message-id": lambda: [AddMessageIdHeader(host)],

@@ -373,6 +373,15 @@ def run(opts: Options, stdin: BinaryIO, stdout: BinaryIO) -> int:
         return sysexits.EX_NOPERM if problems else sysexits.EX_OK
     if opts.mode == "flush":
         return flush_command(cfg, bool(opts.verbose), _prog)
+    if opts.mode == "newaliases":
+        from msa.cleanup.aliases import newaliases_main
+        return newaliases_main(cfg, _prog)
+    if opts.mode == "verify":
+        if not opts.recipients:
+            raise Failure("-bv needs at least one address", sysexits.EX_USAGE)
+        from msa.admin.route import describe
+        describe(cfg, opts.recipients, sys.stdout)
+        return sysexits.EX_OK
     user = login_user()
     if opts.mode == "smtp":
         try:
@@ -403,6 +412,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted; nothing queued")
         return sysexits.EX_TEMPFAIL
+
+
+def newaliases_main(argv: list[str] | None = None) -> int:
+    """``newaliases`` is ``sendmail -bi`` (options: ``-C``)."""
+    global _prog
+    argv = sys.argv[1:] if argv is None else argv
+    _prog = "newaliases"
+    return main(["-bi", *argv])
 
 
 def mailq_main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ from msa.protocol import xtext
 
 USAGE = ("usage: sendmail [-t] [-i] [-f sender] [-F name] [-N dsn] [-R ret]\n"
          "                [-V envid] [-B 7BIT|8BITMIME] [-C config] [-v]\n"
-         "                [-bm|-bs|-bp] [-q] [--] [recipient ...]")
+         "                [-bm|-bs|-bp|-bi|-bv] [-q] [--] [recipient ...]")
 
 # Letters that take a value; the rest are flags.
 _WITH_VALUE = set("BCFLNORVXbefhopr")
@@ -42,7 +42,7 @@ _FLAGS = set("GIUcimntvx")
 _IGNORED_WITH_VALUE = set("LOXhep")  # -e x: Sendmail's error mode letter
 _IGNORED_FLAGS = set("GUcmnx")
 _MODES = {"m": "deliver", "s": "smtp", "p": "list", "d": None, "D": None,
-          "i": None, "t": None, "v": None}
+          "i": "newaliases", "t": None, "v": "verify"}
 _NOTIFY = ("success", "failure", "delay")
 
 
@@ -56,7 +56,9 @@ class UsageError(Exception):
 
 @dataclass
 class Options:
-    mode: str = "deliver"          # "deliver" (-bm), "smtp" (-bs), "list" (-bp), "flush" (-q)
+    # "deliver" (-bm), "smtp" (-bs), "list" (-bp), "flush" (-q),
+    # "newaliases" (-bi), "verify" (-bv: where mail to the recipients goes)
+    mode: str = "deliver"
     extract: bool = False          # -t
     ignore_dots: bool = False      # -i, -oi
     sender: str | None = None      # -f / -r; "" is the null sender

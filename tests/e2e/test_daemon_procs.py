@@ -66,14 +66,8 @@ def _alive(pid: int) -> bool:
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _read_so_far(proc, seen={}) -> str:  # noqa: B006 - per-process buffer
-    fd = proc.p.stdout.fileno()
-    os.set_blocking(fd, False)
-    try:
-        seen[fd] = seen.get(fd, b"") + (os.read(fd, 1 << 16) or b"")
-    except BlockingIOError:
-        pass
-    return seen.get(fd, b"").decode(errors="replace")
+def _read_so_far(proc) -> str:
+    return support.read_so_far(proc).decode(errors="replace")
 
 
 def _nice(pid: int) -> int:
