@@ -44,7 +44,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import inspect
+import functools
 import itertools
 import logging
 import os
@@ -53,8 +53,6 @@ import threading
 import time
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
-
-import filelock
 
 log = logging.getLogger("spool")
 
@@ -245,20 +243,29 @@ class Writer:
             self.abort()
 
 
-class _ClaimLock(filelock.FileLock):
-    """``filelock.FileLock`` as is, made cheaper to construct: filelock's
-    metaclass runs ``inspect.signature(cls.__init__)`` for every lock
-    (40 us in 3.16, one lock per claim); a ``__signature__`` on the
+@functools.cache
+def _claim_lock():
+    """(the lock class, its Timeout), made at the first claim: filelock
+    imports asyncio (20 ms), which a ``sendmail`` that only deposits a
+    file never needs.
+
+    The class is ``filelock.FileLock`` as is, made cheaper to construct:
+    filelock's metaclass runs ``inspect.signature(cls.__init__)`` for every
+    lock (40 us in 3.16, one lock per claim); a ``__signature__`` on the
     class's own ``__init__`` is returned by inspect at once."""
+    import inspect
 
-    def __init__(self, lock_file: str, timeout: float = -1, mode: int = 0o644,
-                 thread_local: bool = True, *, blocking: bool = True,
-                 is_singleton: bool = False) -> None:
-        super().__init__(lock_file, timeout, mode, thread_local, blocking=blocking,
-                         is_singleton=is_singleton)
+    import filelock
 
+    class ClaimLock(filelock.FileLock):
+        def __init__(self, lock_file: str, timeout: float = -1, mode: int = 0o644,
+                     thread_local: bool = True, *, blocking: bool = True,
+                     is_singleton: bool = False) -> None:
+            super().__init__(lock_file, timeout, mode, thread_local, blocking=blocking,
+                             is_singleton=is_singleton)
 
-_ClaimLock.__init__.__signature__ = inspect.signature(_ClaimLock.__init__)
+    ClaimLock.__init__.__signature__ = inspect.signature(ClaimLock.__init__)
+    return ClaimLock, filelock.Timeout
 
 
 class FlockFile:
@@ -275,7 +282,7 @@ class FlockFile:
 
     def __init__(self, lock_file: str):
         self.lock_file = lock_file
-        self._lock = _ClaimLock(lock_file, timeout=0, thread_local=False)
+        self._lock = _claim_lock()[0](lock_file, timeout=0, thread_local=False)
 
     @property
     def fd(self) -> int | None:
@@ -286,7 +293,7 @@ class FlockFile:
         for _ in range(3):
             try:
                 self._lock.acquire()
-            except filelock.Timeout:
+            except _claim_lock()[1]:
                 return False
             except FileNotFoundError:
                 # filelock opens without O_CREAT when the file existed a

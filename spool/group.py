@@ -11,11 +11,14 @@ before a directory fsync that began after its rename has completed.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
+from typing import TYPE_CHECKING
 
 from .core import fsync_dir
+
+if TYPE_CHECKING:     # asyncio is imported by the first sync(), not by the
+    import asyncio  # package: a sendmail call never needs it (20 ms)
 
 
 class GroupSync:
@@ -28,6 +31,7 @@ class GroupSync:
         self.fsyncs = 0
 
     async def sync(self) -> None:
+        import asyncio
         if self._cond is None:
             self._cond = asyncio.Condition()
         target = self._started + 1
