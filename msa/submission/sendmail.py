@@ -36,11 +36,9 @@ import pwd
 import sys
 import tempfile
 import time
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator
 
 from msa import config, sysexits
-from msa.admin.mailq import show_queue
-from msa.admin.queuecmd import flush_command
 from msa.message import queuefile
 from msa.message.headers import (
     HeaderTooLarge,
@@ -55,10 +53,12 @@ from msa.message.headers import (
 from msa.message.queuefile import Envelope
 from msa.protocol.errors import AddressError
 from msa.store import open_spool
-from msa.submission.bsmtp import MAX_COMMAND_LINE, LocalSmtp, Reply
 from msa.submission.sendmail_args import USAGE, Options, UsageError, parse_args
 from msa.submission.sendmail_input import MessageInput
 from spool import Spool, SpoolError, SpoolFull, SpoolUnavailable
+
+if TYPE_CHECKING:     # annotations only: -bs imports them when it runs
+    from msa.submission.bsmtp import LocalSmtp, Reply
 
 PIECE = 65536
 MEMORY_BUFFER = 1024 * 1024
@@ -269,6 +269,7 @@ def run_smtp(cfg: config.Config, user: pwd.struct_passwd, stdin: BinaryIO,
              stdout: BinaryIO) -> int:
     """An SMTP session on stdin/stdout (RFC 5321); each message is queued
     like a ``sendmail`` one. Returns the exit status."""
+    from msa.submission.bsmtp import MAX_COMMAND_LINE, LocalSmtp, Reply
     session = LocalSmtp(cfg.server.hostname, cfg.domain, cfg.edge.max_message_size,
                         cfg.edge.max_recipients)
     try:
@@ -298,6 +299,7 @@ def _smtp_data(cfg: config.Config, spool: Spool, session: LocalSmtp,
                user: pwd.struct_passwd, stdin: BinaryIO) -> Reply | None:
     """Read and queue the message after 354; the reply, or None when the
     input ended before the final "." (nothing is queued then)."""
+    from msa.submission.bsmtp import Reply
     txn = session.txn
     message = MessageInput(read_pieces(stdin), dots="smtp", strip_from=False)
     pieces = iter(message)
@@ -338,6 +340,7 @@ def _drain(pieces: Iterator[bytes]) -> None:
 
 
 def _discard_line(stdin: BinaryIO) -> None:
+    from msa.submission.bsmtp import MAX_COMMAND_LINE
     for piece in read_pieces(stdin, MAX_COMMAND_LINE):
         if piece.endswith(b"\n"):
             return
@@ -362,7 +365,10 @@ def run(opts: Options, stdin: BinaryIO, stdout: BinaryIO) -> int:
         cfg = config.load(opts.config)
     except config.ConfigError as exc:
         raise Failure(str(exc), sysexits.EX_CONFIG) from None
+    # Each mode imports what only it needs: a plain sendmail call (cron,
+    # PHP) pays for none of the queue listing, the flush or -bs.
     if opts.mode == "list":
+        from msa.admin.mailq import show_queue
         try:
             problems = show_queue(cfg, open_spool(cfg, create=False), sys.stdout,
                                   as_json=opts.json)
@@ -372,6 +378,7 @@ def run(opts: Options, stdin: BinaryIO, stdout: BinaryIO) -> int:
             _error(problem)
         return sysexits.EX_NOPERM if problems else sysexits.EX_OK
     if opts.mode == "flush":
+        from msa.admin.queuecmd import flush_command
         return flush_command(cfg, bool(opts.verbose), _prog)
     if opts.mode == "newaliases":
         from msa.cleanup.aliases import newaliases_main

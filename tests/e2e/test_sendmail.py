@@ -476,3 +476,17 @@ def test_local_mail_without_from_gets_one(tmp_path, ca):
     first, second = (f.read_bytes().split(b"\n\n", 1)[1] for f in files)
     assert first.startswith(b"From: Cron Daemon <cron@example.org>\r\n")
     assert second.count(b"From:") == 1 and b"From: Someone <alice@example.org>" in second
+
+
+def test_a_plain_sendmail_imports_only_what_it_needs():
+    """Issue 10 point 5: the deposit path does not load asyncio (filelock
+    and spool.group would pull it in: 20 ms), -bs's SMTP code, the queue
+    listing or the flush."""
+    code = ("import sys, msa.submission.sendmail as s; "
+            "print(sorted(m for m in ('asyncio', 'filelock', 'msa.submission.bsmtp', "
+            "'msa.admin.mailq', 'msa.admin.queuecmd', 'msa.protocol.smtpcmd') "
+            "if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, env=support.msa_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
