@@ -26,6 +26,8 @@ from typing import Any
 
 from msa import config, sysexits
 from msa.admin.common import args_and_config
+from msa.message.headers import normalize_address
+from msa.protocol.errors import AddressError
 
 
 
@@ -85,6 +87,13 @@ def value_problems(cfg: config.Config) -> list[str]:
             ipaddress.ip_network(net, strict=False)
         except ValueError as exc:
             out.append(f"edge.trusted_networks: {exc}")
+    for key in ("postmaster", "admin"):
+        value = getattr(cfg.server, key).strip()
+        if value:
+            try:
+                normalize_address(value, cfg.domain)
+            except AddressError as exc:
+                out.append(f"server.{key}: {exc}")
     for name in ("user", "group"):
         value = getattr(cfg.daemon, name)
         if value and not _exists(name, value):

@@ -17,7 +17,9 @@ from msa import config, sysexits
 from msa.admin.common import args_and_config
 from msa.cleanup import policies
 from msa.message.headerblock import HeaderBlock
+from msa.message.headers import normalize_address
 from msa.message.queuefile import Envelope, utc_iso
+from msa.protocol.errors import AddressError
 
 PROG = "msa route"
 
@@ -25,8 +27,7 @@ PROG = "msa route"
 def expand(cfg: config.Config, address: str) -> list[str]:
     """The recipients the policies make of ``address``."""
     env = Envelope(sender="", queue_id="ROUTE", arrival=utc_iso(0), size="0")
-    env.add_recipient(address if "@" in address or not cfg.domain
-                      else f"{address}@{cfg.domain}")
+    env.add_recipient(normalize_address(address, cfg.domain))
     stages = [pols for _, pols in policies.pipeline(cfg)]
     results, _ = policies.run_stages(env, HeaderBlock.parse(b"\r\n"), stages)
     return [r.address for e, _ in results for r in e.recipients]
@@ -68,4 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return sysexits.EX_CONFIG
+    except AddressError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return sysexits.EX_USAGE
     return sysexits.EX_OK

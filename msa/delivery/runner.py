@@ -47,6 +47,7 @@ from msa.delivery import outcome
 from msa.delivery.relay import BytesMessage, FileMessage, RcptResult, relay_from_config
 from msa.fastlog import InfoWriter
 from msa.message.dsn import DsnRequest, RecipientReport, build_dsn, dsn_envelope
+from msa.message.headers import normalize_address
 from msa.message.queuefile import Envelope, QueueFileError, check_size, envelope_of, parse_iso
 from spool import (
     DueIndex,
@@ -494,8 +495,8 @@ class Runner:
             self._held[qid] = (claim.stage, due, attempt)
             if due < self._next_wake:
                 self._wake_due.set()
-            return claim.stage
-        self._note_due(claim.stage, due)
+        else:
+            self._note_due(claim.stage, due)
         return claim.stage
 
     async def _finish(self, claim, qid: str) -> None:
@@ -538,11 +539,10 @@ class Runner:
     # -- DSNs ------------------------------------------------------------------
 
     def _postmaster(self) -> str:
-        """``[server] postmaster``, qualified; "" when unset."""
+        """``[server] postmaster``, qualified; "" when unset (msa check
+        refuses a value that is not an address)."""
         who = self.cfg.server.postmaster.strip()
-        if who and "@" not in who and self.cfg.domain:
-            who = f"{who}@{self.cfg.domain}"
-        return who
+        return normalize_address(who, self.cfg.domain) if who else ""
 
     def _spool_dsn(self, env: Envelope, f, offset: int, qid: str,
                    reports: list[RecipientReport], arrival: float, now: float,
@@ -558,7 +558,8 @@ class Runner:
         while boundary.encode() in head:
             boundary = f"{qid}/{self.rng.getrandbits(64):016x}"
         req = DsnRequest(queue_id=qid, reporting_mta=self.cfg.server.hostname,
-                         sender=env.sender if to is None else to, arrival=arrival, now=now, recipients=reports,
+                         sender=env.sender if to is None else to, arrival=arrival, now=now,
+                         recipients=reports,
                          original_size=size, original_head=head, boundary=boundary,
                          envid=env.envid, ret=env.ret,
                          eight_bit=env.body.upper() == "8BITMIME", limit=limit)

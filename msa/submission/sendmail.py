@@ -387,7 +387,10 @@ def run(opts: Options, stdin: BinaryIO, stdout: BinaryIO) -> int:
         if not opts.recipients:
             raise Failure("-bv needs at least one address", sysexits.EX_USAGE)
         from msa.admin.route import describe
-        describe(cfg, opts.recipients, sys.stdout)
+        try:
+            describe(cfg, opts.recipients, sys.stdout)
+        except AddressError as exc:
+            raise Failure(str(exc), sysexits.EX_USAGE) from None
         return sysexits.EX_OK
     user = login_user()
     if opts.mode == "smtp":

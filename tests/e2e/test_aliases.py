@@ -129,3 +129,11 @@ def test_the_daemon_takes_a_recompiled_table_on_sighup(tmp_path, ca):
         support.wait_for(lambda: "second@example.test" in rcpts(), what="the new alias")
     finally:
         proc.stop()
+
+
+def test_route_refuses_what_is_not_an_address(tmp_path):
+    path = ss.make_config(tmp_path)
+    r = _run("msa", "route", "a b@x.test", "-C", str(path), cfg=path)
+    assert r.returncode == 64 and "bad address" in r.stderr
+    r = _run("sendmail", "-bv", "<>", cfg=path)
+    assert r.returncode == 64 and "empty address" in r.stderr, r.stderr

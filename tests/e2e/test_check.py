@@ -95,3 +95,12 @@ def test_config_prints_what_loads_back_the_same(demo, tmp_path):
 def test_version():
     p = msa("--version")
     assert p.returncode == 0 and p.stdout.startswith("msa "), p.stdout
+
+
+def test_postmaster_and_admin_must_be_addresses(demo):
+    set_key(demo, "server", "postmaster", '"post master@x"')
+    set_key(demo, "server", "admin", '"ops@@x.test"')
+    p = msa("check", "-C", str(demo))
+    assert p.returncode == sysexits.EX_CONFIG
+    assert "server.postmaster: bad address" in p.stdout + p.stderr
+    assert "server.admin: bad address" in p.stdout + p.stderr
