@@ -212,7 +212,8 @@ def read_so_far(proc: "Proc") -> bytes:
     fd = proc.p.stdout.fileno()
     os.set_blocking(fd, False)
     try:
-        _seen[fd] = _seen.get(fd, b"") + (os.read(fd, 1 << 16) or b"")
+        while chunk := os.read(fd, 1 << 16):
+            _seen[fd] = _seen.get(fd, b"") + chunk
     except BlockingIOError:
         pass
     return _seen.get(fd, b"")

@@ -95,7 +95,7 @@ class Format(logging.Formatter):
 HOST = socket.gethostname().split(".", 1)[0] or "localhost"
 LINE = "%(asctime)s %(host)s %(component)s[%(process)d]: %(message)s"
 SYSLOG_LINE = "%(component)s[%(process)d]: %(message)s"
-JOURNAL_LINE = "%(component)s[%(process)d]: %(message)s"
+JOURNAL_LINE = SYSLOG_LINE       # the journal, too, adds the time and host
 
 
 def under_journal(stream=None) -> bool:

@@ -72,6 +72,7 @@ from msa.protocol.errors import MsaError
 from msa.submission import tls as tlsconf
 from msa.submission.anvil import client_key, hash_gate
 from msa.submission.auth import CredentialsInvalidError, auth_backend
+from msa.submission.clientname import UNKNOWN
 from msa.submission.validators import Reply, SmtpValidators, enhance
 from msa.submission.writer import (
     BodySink,
@@ -99,7 +100,7 @@ class EdgeSession(_AioSession):
     def __init__(self, loop: asyncio.AbstractEventLoop):
         super().__init__(loop)
         self.auth_result: str | None = None     # the user name after AUTH
-        self.client_name = "unknown"            # forward-confirmed reverse DNS
+        self.client_name = UNKNOWN              # forward-confirmed reverse DNS
         self.auth_method = ""
         self.tls = ""                            # "TLSv1.3 TLS_AES_..." or ""
         self.senders: list[str] = []             # extra owned addresses
@@ -271,7 +272,7 @@ class SmtpSession(SMTP):
         self._idle = False
         self._registered = False
         self._anvil_key: str | None = None
-        self._client_name = "unknown"
+        self._client_name = UNKNOWN
         self._tally: dict[str, list[int]] = {}   # verb -> [succeeded, sent]
         self._refusals = 0                       # 4xx/5xx replies sent
         self._anvil_reply: asyncio.Future | None = None
@@ -1112,7 +1113,7 @@ class SmtpSession(SMTP):
         return queuefile.Envelope(
             sender=t.mail_from, recipients=list(t.recipients), queue_id=qid,
             arrival=queuefile.utc_iso(now), origin="smtp", client_address=s.client_ip,
-            client_name="" if s.client_name == "unknown" else s.client_name,
+            client_name="" if s.client_name == UNKNOWN else s.client_name,
             helo=s.host_name or "", tls=s.tls,
             auth_user=s.auth_result or "", size=str(size), body=t.params.body,
             smtputf8="yes" if t.params.smtputf8 else "", ret=t.params.ret,

@@ -57,14 +57,7 @@ def _submit(port: int, ca, source: str) -> tuple[int, bytes]:
 
 
 def _log(proc) -> str:
-    import os
-    fd = proc.p.stdout.fileno()
-    os.set_blocking(fd, False)
-    try:
-        proc.seen = getattr(proc, "seen", b"") + (os.read(fd, 1 << 20) or b"")
-    except BlockingIOError:
-        pass
-    return getattr(proc, "seen", b"").decode(errors="replace")
+    return support.read_so_far(proc).decode(errors="replace")
 
 
 def test_connection_cap_holds_across_edge_processes(tmp_path, ca):

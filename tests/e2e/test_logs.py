@@ -167,15 +167,5 @@ def test_journal_lines_carry_their_priority(tmp_path, ca):
     assert any(line.startswith("<6>msa/smtpd[") and "XJOURNAL" in line for line in lines)
 
 
-def _so_far(proc, seen={}) -> str:  # noqa: B006 - per-process buffer
-    fd = proc.p.stdout.fileno()
-    os.set_blocking(fd, False)
-    try:
-        while True:
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                break
-            seen[fd] = seen.get(fd, b"") + chunk
-    except BlockingIOError:
-        pass
-    return seen.get(fd, b"").decode(errors="replace")
+def _so_far(proc) -> str:
+    return support.read_so_far(proc).decode(errors="replace")
