@@ -198,9 +198,6 @@ class LocalAnvil:
     def auth_failed(self, key: str, window: float) -> asyncio.Future:
         return _done(self.anvil.auth_failed(key, window))
 
-    async def close(self) -> None:
-        pass
-
 
 class AnvilClient:
     """The supervisor's anvil, over a connected stream socket. Requests
