@@ -40,6 +40,11 @@ class SpoolConfig:
     # Days a quarantined file stays in corrupt/ before `msa queue
     # purge-corrupt` removes it; 0: until removed by hand.
     corrupt_max_age: float = 30.0
+    # The commit protocol (spool.durable, msa-spool(5)): "auto" takes one
+    # flush per message where the filesystem commits a rename with the
+    # file's fsync (ext4 with a journal, xfs), "strict" (fsync, rename,
+    # fsync of the directory) elsewhere; "strict" forces it everywhere.
+    sync: str = "auto"
 
 
 @dataclass
@@ -277,6 +282,8 @@ def from_dict(data: dict[str, Any], base: str = ".") -> Config:
                 raise ConfigError(f"{section}.{key}: expected {type(default).__name__}, "
                                   f"got {type(value).__name__}")
             setattr(sub, key, value)
+    if cfg.spool.sync not in ("auto", "strict"):
+        raise ConfigError(f"spool.sync: expected \"auto\" or \"strict\", got {cfg.spool.sync!r}")
     for section, key in _PATH_KEYS:
         sub = getattr(cfg, section)
         value = getattr(sub, key)

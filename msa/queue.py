@@ -76,7 +76,7 @@ class Queue:
     def spool(self) -> Spool:
         if self._spool is None:
             self._spool = Spool(self.cfg.spool.root, self.cfg.stages(), modes=MODES,
-                                claim_files=UNTRUSTED_STAGES)
+                                claim_files=UNTRUSTED_STAGES, sync=self.cfg.spool.sync)
         return self._spool
 
     # -- running -----------------------------------------------------------

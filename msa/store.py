@@ -39,7 +39,7 @@ def daemon_gid(cfg: Config) -> int | None:
 
 def open_spool(cfg: Config, create: bool = True) -> Spool:
     spool = Spool(cfg.spool.root, cfg.stages(), modes=MODES, create=create,
-                  claim_files=UNTRUSTED_STAGES)
+                  claim_files=UNTRUSTED_STAGES, sync=cfg.spool.sync)
     gid = daemon_gid(cfg)
     if create and gid is not None and os.geteuid() == 0:
         for name in MODES:

@@ -16,8 +16,13 @@ Layout under the root (every directory is created by :class:`Spool`)::
 Invariants (qmail INTERNALS style; each is relied on by crash recovery):
 
 1. A file appears in a stage only by ``rename(2)`` from ``tmp/`` or from
-   another stage, after its data was fsynced. :meth:`Writer.commit` returns
-   only after the file, the rename and the directory entry are on disk.
+   another stage. :meth:`Writer.commit` returns only after the file, the
+   rename and the directory entry are on disk: by the ``strict`` protocol
+   (fsync, rename, fsync of the directory) or, where the filesystem
+   commits a rename with the file's fsync, by the ``journal`` protocol
+   (rename, fsync): :mod:`spool.durable`. Under ``journal`` a file whose
+   commit had not returned may come back from a power cut shorter than
+   written: it was never acknowledged, and readers check lengths.
 2. Nothing is modified by writing in place. A new version of a file is
    written in ``tmp/`` and renamed over the old one (:meth:`Claim.rewriter`),
    so at every instant exactly one whole version exists.
@@ -41,7 +46,6 @@ Nothing here knows about mail.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import functools
@@ -53,6 +57,8 @@ import threading
 import time
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
+
+from . import durable
 
 log = logging.getLogger("spool")
 
@@ -68,7 +74,8 @@ class SpoolError(Exception):
 
 
 class SpoolFull(SpoolError):
-    """The filesystem refused the write (ENOSPC, EDQUOT, EIO on write)."""
+    """The filesystem refused the write for want of space (ENOSPC, EDQUOT,
+    EFBIG)."""
 
 
 class SpoolUnavailable(SpoolError):
@@ -119,10 +126,9 @@ def fsync_dir(path: Path | str, entry: str | None = None) -> None:
 def _syncfs(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
+        durable.syncfs(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None
     finally:
         os.close(fd)
 
@@ -134,7 +140,9 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 
 
 def _full(exc: OSError) -> SpoolError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):
+    # EIO (a failed write or flush) is no shortage of space: a SpoolError,
+    # which the edge answers 451 4.3.0, not 452 4.3.1.
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return SpoolFull(f"cannot write queue file: {os.strerror(exc.errno)}")
     return SpoolError(f"cannot write queue file: {exc}")
 
@@ -186,35 +194,50 @@ class Writer:
                 _write_all(self.fd, memoryview(b"".join(pending))[written:])
 
     def commit(self, sync_dir: bool = True) -> str:
-        """fsync the data, rename into the stage, fsync the stage directory.
+        """Make the file durable in its stage, by the spool's protocol
+        (:mod:`spool.durable`): ``strict``: fsync the data, rename into
+        the stage, fsync the stage directory; ``journal``: rename, then
+        fsync the file (which commits the rename with it). A new version
+        of a file (``replace``) is always fsynced before its rename.
 
-        With ``sync_dir=False`` the caller must call :meth:`Spool.sync_stage`
-        (or a :class:`GroupSync`) before acknowledging the file to anyone.
+        With ``sync_dir=False`` under ``strict`` the directory is not
+        fsynced: the caller must call :meth:`Spool.sync_stage` (or a
+        :class:`GroupSync`) before acknowledging the file to anyone.
+        Under ``journal`` the file is durable when this returns either way
+        (:attr:`Spool.commits_durable`).
         """
         dest = self.spool.fspath(self.stage, self.qid)
+        strict = self.replace or not self.spool.commits_durable
         keep = None
+        renamed = False
         try:
             self._flush()
-            os.fsync(self.fd)
+            if strict:
+                os.fsync(self.fd)
             if self.claim is not None and isinstance(self.claim._lock, FileLockInPlace):
                 # The new version is locked before anyone can see it.
                 keep = os.dup(self.fd)
                 fcntl.flock(keep, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fd, self.fd = self.fd, None
-            os.close(fd)
             if self.mtime is not None:
-                os.utime(self.tmp_path, (self.mtime, self.mtime))
+                os.utime(self.fd, (self.mtime, self.mtime))
             if not self.replace and os.path.lexists(dest):
                 raise SpoolError(f"{self.stage}/{self.qid} exists")
             os.rename(self.tmp_path, dest)
+            renamed = True
             if keep is not None:
                 self.claim._lock.adopt(keep)
                 keep = None             # the claim holds it now
-            if sync_dir:
+            if not strict:
+                os.fsync(self.fd)       # the one flush: data and rename
+            fd, self.fd = self.fd, None
+            os.close(fd)
+            if strict and sync_dir:
                 fsync_dir(f"{self.spool.root_s}/{self.stage}", self.qid)
         except OSError as exc:
             _close_quietly(keep)
             self.abort()
+            if renamed and not strict:
+                _unlink_unacknowledged(dest)
             raise _full(exc) from exc
         except SpoolError:
             _close_quietly(keep)
@@ -387,6 +410,17 @@ def _close_quietly(fd: int | None) -> None:
             pass
 
 
+def _unlink_unacknowledged(path: str) -> None:
+    """A file renamed into its stage whose flush failed was never
+    acknowledged and its data may not be on disk: take it back, unless a
+    reader already moved it on (then it is delivered; the sender, told
+    4xx, may send it again: a duplicate, never a loss)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class Claim:
     """Exclusive right to work on one id, held until :meth:`release`.
 
@@ -443,11 +477,29 @@ class Claim:
         # the directory fsyncs, so the next stage's worker (woken by the
         # rename) can claim it at once. The fsyncs still complete before
         # this returns, so the caller's acknowledgement stays durable.
+        if sync_dirs and self.spool.commits_durable:
+            # journal protocol: the renamed inode's fsync commits the
+            # rename (spool.durable); the claim's descriptor is that inode.
+            self._flush_inode()
+            if release:
+                self.release()
+            return
         if release:
             self.release()
         if sync_dirs:
             fsync_dir(dest_dir)
             fsync_dir(src_dir)
+
+    def _flush_inode(self) -> None:
+        """Under the journal protocol, make a rename or unlink of the
+        claimed file durable: fsync of the claim's own descriptor on the
+        file (ext4 and xfs log the inode in the same transaction as the
+        directory change), else one syncfs of the spool's filesystem."""
+        lock = self._lock
+        if isinstance(lock, FileLockInPlace) and lock.fd is not None:
+            os.fsync(lock.fd)
+        else:
+            self.spool.flush_dir(f"{self.spool.root_s}/{self.stage}")
 
     def defer(self, due: float, attempt: int) -> None:
         """Move to ``deferred/<attempt>/`` with mtime = due time."""
@@ -459,7 +511,10 @@ class Claim:
         file may come back (a duplicate, never a loss)."""
         os.unlink(self.fspath)
         if sync_dir:
-            fsync_dir(f"{self.spool.root_s}/{self.stage}")
+            if self.spool.commits_durable:
+                self._flush_inode()
+            else:
+                fsync_dir(f"{self.spool.root_s}/{self.stage}")
         self.release()
 
     def quarantine(self, reason: str) -> None:
@@ -495,9 +550,14 @@ class Spool:
 
     def __init__(self, root: str | os.PathLike, stages: Iterable[str] = (),
                  modes: dict[str, int] | None = None, create: bool = True,
-                 claim_files: Iterable[str] = ()):
+                 claim_files: Iterable[str] = (), sync: str = "auto"):
         self.root = Path(root)
         self.root_s = str(self.root)
+        if sync not in durable.MODES:
+            raise ValueError(f"sync must be one of {', '.join(durable.MODES)}, not {sync!r}")
+        self.sync_mode = sync
+        self._protocol: durable.Protocol | None = None
+        self._root_fd: int | None = None
         self.stages = list(stages)
         # Stages whose files untrusted users make: claimed by a lock file.
         self.claim_files = frozenset(claim_files)
@@ -563,7 +623,37 @@ class Spool:
             return w.commit()
 
     def sync_stage(self, stage: str) -> None:
-        fsync_dir(self.root / stage)
+        """Make renames and removals in ``stage`` durable."""
+        self.flush_dir(f"{self.root_s}/{stage}")
+
+    @property
+    def protocol(self) -> durable.Protocol:
+        """The commit protocol (:mod:`spool.durable`), chosen at the first
+        commit for the filesystem the root is on."""
+        if self._protocol is None:
+            self._protocol = durable.choose(self.root_s, self.sync_mode)
+        return self._protocol
+
+    @property
+    def commits_durable(self) -> bool:
+        """:meth:`Writer.commit` leaves the file durable, whatever its
+        ``sync_dir`` (the journal protocol): no directory sync to add."""
+        return not self.protocol.sync_before_rename
+
+    def flush_dir(self, path: str) -> None:
+        """Make the renames and removals done so far in the directory
+        ``path`` durable: its fsync (strict), or one ``syncfs(2)`` of the
+        spool's filesystem (journal: it commits the journal, whatever
+        directory; the group syncs call it for a batch)."""
+        if not self.commits_durable:
+            fsync_dir(path)
+            return
+        if self._root_fd is None:
+            self._root_fd = os.open(self.root_s, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # One descriptor for the spool's life: syncfs reports a writeback
+        # error once to each open file that had not seen it, so a
+        # descriptor opened after a failed writeback could miss it.
+        durable.syncfs(self._root_fd)
 
     # -- claims -----------------------------------------------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .core import fsync_dir
 
@@ -22,8 +22,12 @@ if TYPE_CHECKING:     # asyncio is imported by the first sync(), not by the
 
 
 class GroupSync:
-    def __init__(self, path: str | os.PathLike):
-        self.path = path
+    """``flush`` (default: fsync the directory) is what one sync runs:
+    :meth:`spool.Spool.flush_dir`, for the spool's commit protocol."""
+
+    def __init__(self, path: str | os.PathLike,
+                 flush: Callable[[str | os.PathLike], None] = fsync_dir):
+        self.path, self.flush = path, flush
         self._started = 0
         self._completed = 0
         self._running = False
@@ -47,7 +51,7 @@ class GroupSync:
                     self._cond.release()
                     try:
                         await asyncio.get_running_loop().run_in_executor(
-                            None, fsync_dir, self.path)
+                            None, self.flush, self.path)
                     finally:
                         await self._cond.acquire()
                     self.fsyncs += 1
@@ -66,8 +70,9 @@ class ThreadGroupSync:
     on it are not released by it, one of them runs the next fsync.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = path
+    def __init__(self, path: str | os.PathLike,
+                 flush: Callable[[str | os.PathLike], None] = fsync_dir):
+        self.path, self.flush = path, flush
         self._cond = threading.Condition()
         self._started = 0
         self._completed = 0
@@ -87,7 +92,7 @@ class ThreadGroupSync:
                 ok = False
                 self._cond.release()
                 try:
-                    fsync_dir(self.path)
+                    self.flush(self.path)
                     ok = True
                 finally:
                     self._cond.acquire()

@@ -96,7 +96,7 @@ sys.path.insert(0, {root!r})
 from spool import Spool
 from msa.submission.edge import SmtpEdge
 async def main():
-    edge = SmtpEdge(("127.0.0.1", {port}), Spool({spool!r}, ["incoming"]),
+    edge = SmtpEdge(("127.0.0.1", {port}), Spool({spool!r}, ["incoming"], sync={sync!r}),
                     require_auth=False, hostname="msa.test")
     await edge.start()
     print("ready", flush=True)
@@ -106,14 +106,16 @@ asyncio.run(main())
 
 
 def edge_process(config: Path | None = None, prefix=(), open_port: int = 0,
-                 spool: Path | None = None) -> support.Proc:
+                 spool: Path | None = None, sync: str = "auto") -> support.Proc:
     """``python -c`` running the config's edges, or with ``open_port`` a
     plaintext edge without AUTH on ``spool`` (the tutorial's first edge);
-    ``prefix`` goes before python (strace). Returns when listening."""
+    ``prefix`` goes before python (strace); ``sync``: that spool's
+    ``[spool] sync``. Returns when listening."""
     if config is not None:
         code = RUNNER.format(root=str(support.ROOT), config=str(config))
     else:
-        code = OPEN_RUNNER.format(root=str(support.ROOT), port=open_port, spool=str(spool))
+        code = OPEN_RUNNER.format(root=str(support.ROOT), port=open_port, spool=str(spool),
+                                  sync=sync)
     log = tempfile.TemporaryFile()        # a pipe nobody reads would fill up
     proc = support.Proc([*prefix, sys.executable, "-c", code], stdout=subprocess.PIPE,
                         stderr=log)

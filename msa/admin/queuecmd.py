@@ -44,7 +44,7 @@ from msa import config, logsafe, sysexits
 from msa.admin.control import send_control
 from msa.admin.mailq import show_queue
 from msa.store import open_spool
-from spool import Spool, SpoolError, fsync_dir, valid_name
+from spool import Spool, SpoolError, valid_name
 
 PROG = "msa queue"
 HOLDABLE = ("active", "deferred/")
@@ -158,7 +158,7 @@ def delete_all(cfg: config.Config, spool: Spool) -> int:
                 claim.done(sync_dir=False)
                 progress.step()
         if progress.count > before:
-            fsync_dir(spool.root / stage)
+            spool.sync_stage(stage)
     progress.end()
     return progress.count
 

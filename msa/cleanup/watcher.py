@@ -158,7 +158,7 @@ class Watcher:
         self.max_header = cfg.policies.max_header_bytes
         self.workers = workers or cfg.policies.workers
         self.rescan_interval = cfg.policies.rescan_interval
-        self.active_sync = ThreadGroupSync(spool.root / ACTIVE)
+        self.active_sync = ThreadGroupSync(spool.root / ACTIVE, spool.flush_dir)
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
         self._stopping = False
@@ -251,7 +251,8 @@ class Watcher:
             source = None
         claim.release()
         if source is not None:
-            self.active_sync.sync()
+            if not self.spool.commits_durable:
+                self.active_sync.sync()
             _unlink(source)
         env = result[0] if result is not None else head.env
         # Postfix's qmgr line (pflogsumm takes sender and size from it).
@@ -270,7 +271,8 @@ class Watcher:
             self._parts_committed += 1
             if self._crash_after and self._parts_committed >= self._crash_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-        self.active_sync.sync()
+        if not self.spool.commits_durable:
+            self.active_sync.sync()
         claim.done(sync_dir=False)
         log.info("%s: split into %d messages, queued in active/", claim.qid, len(parts))
 

@@ -55,7 +55,6 @@ from spool import (
     Spool,
     SpoolError,
     StageWatcher,
-    fsync_dir,
     id_time,
     new_id,
     valid_name,
@@ -505,16 +504,17 @@ class Runner:
         (GroupSync). Until it is durable a crash may bring the file back:
         a duplicate, never a loss."""
         stage = claim.stage
-        claim.done(sync_dir=False)
-        sync = self._dir_syncs.get(stage)
-        if sync is None:
-            sync = self._dir_syncs[stage] = GroupSync(f"{self.spool.root_s}/{stage}")
         if len(self.pending) <= 1:
             # Alone (messages arriving one at a time): nobody to share the
-            # fsync with, so no thread hop, Condition and loop wake-up for
+            # sync with, so no thread hop, Condition and loop wake-up for
             # it; it starts after the unlink, as the group's would.
-            fsync_dir(sync.path)
+            claim.done()
         else:
+            claim.done(sync_dir=False)
+            sync = self._dir_syncs.get(stage)
+            if sync is None:
+                sync = self._dir_syncs[stage] = GroupSync(
+                    f"{self.spool.root_s}/{stage}", self.spool.flush_dir)
             await sync.sync()
         if log.isEnabledFor(logging.INFO):
             _info(qid + ": removed")

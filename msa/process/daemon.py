@@ -336,6 +336,7 @@ class Daemon:
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
         if self.link is None:
+            log.info("spool %s: %s", self.spool.root_s, self.spool.protocol.describe())
             recovered = self.spool.recover()
             if any(recovered.values()):
                 log.info("recovered spool: removed %(tmp)d temp files, %(claims)d claims",

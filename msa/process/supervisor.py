@@ -405,6 +405,7 @@ class Supervisor:
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
+        log.info("spool %s: %s", self.spool.root_s, self.spool.protocol.describe())
         recovered = self.spool.recover()
         if any(recovered.values()):
             log.info("recovered spool: removed %(tmp)d temp files, %(claims)d claims", recovered)

@@ -211,7 +211,10 @@ class SmtpEdge:
     async def start(self) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
-        self.dir_syncer = dir_syncer_for(s.spool, s.stage)
+        # The journal protocol leaves each file durable at its commit: no
+        # directory fsync to share (spool.durable).
+        self.dir_syncer = (None if s.spool.commits_durable
+                           else dir_syncer_for(s.spool, s.stage))
         self.stopping = False
         self._drained = asyncio.Event()
         self._drained.set()

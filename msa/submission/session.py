@@ -1130,7 +1130,8 @@ class SmtpSession(SMTP):
         settings = self.settings
         qid = _write_detached(settings.spool, settings.stage, env, sink.detach(),
                               settings.stages, settings.max_policy_header)
-        self.edge.dir_syncer.sync_now()
+        if self.edge.dir_syncer is not None:
+            self.edge.dir_syncer.sync_now()
         return qid
 
     async def _store(self, env: queuefile.Envelope, sink: BodySink,

@@ -1,0 +1,81 @@
+"""The commit protocol is chosen for the filesystem the spool is on
+(spool.durable): real filesystems made for the test (ext4 with and
+without a journal, xfs, loop-mounted images in tmp_path; root only) and
+the machine's own tmpfs and procfs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+
+import pytest
+
+from spool import Spool, durable
+from tests import support
+
+
+def test_kernel_release_parsing():
+    assert durable.kernel_reports_syncfs_errors("5.8.0")
+    assert durable.kernel_reports_syncfs_errors("6.1.0-13-amd64")
+    assert durable.kernel_reports_syncfs_errors("5.10.0+")
+    assert not durable.kernel_reports_syncfs_errors("5.7.19")
+    assert not durable.kernel_reports_syncfs_errors("4.19.0-20-amd64")
+    assert not durable.kernel_reports_syncfs_errors("garbage")
+
+
+def test_tmpfs_is_journal_and_strict_forces_strict(tmpfs_path):
+    auto = durable.choose(str(tmpfs_path))
+    assert (auto.name, auto.fstype) == (durable.JOURNAL, "tmpfs")
+    forced = durable.choose(str(tmpfs_path), "strict")
+    assert (forced.name, forced.fstype) == (durable.STRICT, "tmpfs")
+    assert "strict" in forced.describe()
+
+
+def test_unknown_filesystem_is_strict():
+    proto = durable.choose("/proc/self")
+    assert (proto.name, proto.fstype) == (durable.STRICT, "proc")
+
+
+def test_spool_refuses_unknown_mode(tmp_path):
+    with pytest.raises(ValueError):
+        Spool(tmp_path / "s", ["incoming"], sync="fast")
+
+
+@contextlib.contextmanager
+def mounted(tmp_path, name: str, mkfs: list[str]):
+    """A 300 MB image in tmp_path made by ``mkfs`` and loop-mounted on
+    tmp_path/name; unmounted (and its loop device freed) after."""
+    if os.geteuid() != 0:
+        pytest.skip("loop mounts need root")
+    if not support.have(mkfs[0]):
+        pytest.skip(f"{mkfs[0]} not installed")
+    image, point = tmp_path / f"{name}.img", tmp_path / name
+    with open(image, "wb") as f:
+        f.truncate(300 * 1024 * 1024)
+    subprocess.run([*mkfs, str(image)], check=True, capture_output=True, timeout=120)
+    point.mkdir()
+    done = subprocess.run(["mount", "-o", "loop", str(image), str(point)],
+                          capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        pytest.skip(f"cannot loop-mount here: {done.stderr.strip()}")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", str(point)], capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("mkfs, protocol", [
+    (["mkfs.ext4", "-q", "-F"], durable.JOURNAL),
+    (["mkfs.ext4", "-q", "-F", "-O", "^has_journal"], durable.STRICT),
+    (["mkfs.xfs", "-q", "-f"], durable.JOURNAL),
+], ids=["ext4", "ext4-nojournal", "xfs"])
+def test_detected_on_real_filesystems(tmp_path, mkfs, protocol):
+    with mounted(tmp_path, "fs", mkfs) as point:
+        spool = Spool(point / "spool", ["incoming"])
+        assert spool.protocol.name == protocol, spool.protocol
+        assert spool.protocol.fstype == mkfs[0].split(".")[1]
+        # and the protocol commits there: the file is whole in its stage
+        qid = spool.deposit("incoming", b"x" * 5000)
+        assert (point / "spool" / "incoming" / qid).read_bytes() == b"x" * 5000
+        assert list(spool.names("tmp")) == []
