@@ -1,6 +1,7 @@
 """Durability and memory of the edge as a separate process: kill -9 while
 a client submits in a loop loses no acknowledged message; fsync(file) ->
-rename -> fsync(dir) -> 250 in that order (strace); a 50 MB message grows
+rename -> fsync(dir) -> 250 in that order under the strict protocol,
+rename -> fsync(file) -> 250 under the journal protocol (strace); a 50 MB message grows
 the process by less than 64 MB."""
 
 from __future__ import annotations
@@ -55,10 +56,19 @@ def submitter(port, ca, acked, stop, seed):
         pass
 
 
-@pytest.mark.parametrize("round_", range(2))
-def test_kill9_loses_no_acknowledged_message(tmp_path, ca, round_):
+@pytest.mark.parametrize("round_, protocol", [(0, "strict"), (1, "strict"), (1, "journal")])
+def test_kill9_loses_no_acknowledged_message(tmp_path, tmpfs_path, ca, round_, protocol):
+    """journal: the spool on tmpfs, where [spool] sync = auto picks it."""
     port = support.free_port()
     cfg = edge_config(tmp_path, ca, submissions=[f"127.0.0.1:{port}"])
+    root = tmp_path / "spool"
+    if protocol == "journal":
+        text = cfg.read_text().replace(f'root = "{root}"', f'root = "{tmpfs_path / "spool"}"')
+        root = tmpfs_path / "spool"
+    else:
+        text = cfg.read_text().replace("[spool]\n", '[spool]\nsync = "strict"\n')
+    assert f'root = "{root}"' in text
+    cfg.write_text(text)
     add_user(tmp_path / "passwd", "alice", "alice-pw")
     proc = edge_process(cfg)
     acked, stop = [], threading.Event()
@@ -75,7 +85,7 @@ def test_kill9_loses_no_acknowledged_message(tmp_path, ca, round_):
         stop.set()
         for t in threads:
             t.join(30)
-    incoming = tmp_path / "spool" / "incoming"
+    incoming = root / "incoming"
     assert acked
     for qid, fields, digest in list(acked):
         env, message = read_queued(incoming / qid)     # whole: Size matches
@@ -93,19 +103,25 @@ def test_kill9_loses_no_acknowledged_message(tmp_path, ca, round_):
         read_queued(path)
 
 
+@pytest.mark.parametrize("protocol", ["strict", "journal"])
 @pytest.mark.parametrize("bystander", [False, True], ids=["alone", "with another client"])
-def test_fsync_rename_fsync_before_250(tmp_path, bystander):
+def test_flushes_before_250(tmp_path, tmpfs_path, bystander, protocol):
     """Alone, the client's messages are stored by the edge's event loop;
     with another client connected, by a store thread (the file created
-    while the body arrives) and the directory syncer. Same order both ways."""
+    while the body arrives) and, under strict, the directory syncer. Same
+    order both ways. strict: fsync(file), rename, fsync(dir), 250;
+    journal (on tmpfs, where auto picks it): rename, fsync(file), 250 and
+    no other flush on the way."""
     if not support.have("strace"):
         pytest.skip("strace not installed")
     port = support.free_port()
     trace = tmp_path / "trace"
+    spool = (tmp_path if protocol == "strict" else tmpfs_path) / "spool"
     proc = edge_process(prefix=["strace", "-f", "-y", "-s", "120", "-o", str(trace),
-                                "-e", "trace=fsync,fdatasync,rename,renameat,renameat2,"
+                                "-e", "trace=fsync,fdatasync,syncfs,rename,renameat,renameat2,"
                                 "sendto,write"],
-                        open_port=port, spool=tmp_path / "spool")
+                        open_port=port, spool=spool,
+                        sync="strict" if protocol == "strict" else "auto")
     try:
         other = RawClient(port) if bystander else None
         c = RawClient(port)
@@ -129,13 +145,22 @@ def test_fsync_rename_fsync_before_250(tmp_path, bystander):
     def where(pattern: str) -> list[int]:
         return [i for i, text in calls if re.search(pattern, text)]
 
+    flushes = where(r"^(f(data)?sync|syncfs)\(")
+    last_reply = 0
     for qid in qids:
         reply = where(f"queued as {qid}")[0]
-        file_sync = where(rf"f(data)?sync\(\d+</[^>]*/tmp/{qid}\.\d+>.*= 0")[0]
         rename = where(rf"rename\w*\(.*tmp/{qid}\.\d+.*incoming/{qid}.*= 0")[0]
-        dir_syncs = where(r"fsync\(\d+</[^>]*/incoming>.*= 0")
-        assert file_sync < rename < reply
-        assert any(rename < i < reply for i in dir_syncs), (rename, dir_syncs, reply)
+        if protocol == "strict":
+            file_sync = where(rf"f(data)?sync\(\d+</[^>]*/tmp/{qid}\.\d+>.*= 0")[0]
+            dir_syncs = where(r"fsync\(\d+</[^>]*/incoming>.*= 0")
+            assert file_sync < rename < reply
+            assert any(rename < i < reply for i in dir_syncs), (rename, dir_syncs, reply)
+        else:
+            file_sync = where(rf"fsync\(\d+</[^>]*/incoming/{qid}>.*= 0")[0]
+            assert rename < file_sync < reply
+            # one flush for this message, none of them before its rename
+            assert [i for i in flushes if last_reply < i < reply] == [file_sync]
+        last_reply = reply
         # Which thread wrote the file: the one that sent the reply (alone)
         # or another (with another client).
         lines = trace.read_text().splitlines()
@@ -195,3 +220,51 @@ def test_50mb_message_bounded_rss(tmp_path, ca, record_property):
         assert int(env.size) == size and hashlib.sha256(body).digest() == digest.digest()
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("protocol", ["strict", "journal"])
+def test_failed_flush_answers_451_and_keeps_what_it_acknowledged(tmp_path, tmpfs_path,
+                                                                  protocol):
+    """strace makes the edge's third fsync and every later one fail with
+    EIO (counted per thread: a lone client's messages are all stored by
+    the event loop's thread). The messages before get 250 and stay whole;
+    from the failed flush on every message gets 451 4.3.0 and, under the
+    journal protocol (whose failed fsync comes after the rename), its file
+    is taken back out of incoming/."""
+    if not support.have("strace"):
+        pytest.skip("strace not installed")
+    port = support.free_port()
+    spool = (tmp_path if protocol == "strict" else tmpfs_path) / "spool"
+    proc = edge_process(prefix=["strace", "-f", "-qq", "-o", str(tmp_path / "trace"),
+                                "-e", "trace=fsync", "-e", "inject=fsync:error=EIO:when=3+"],
+                        open_port=port, spool=spool,
+                        sync="strict" if protocol == "strict" else "auto")
+    replies, bodies = [], {}
+    try:
+        c = RawClient(port)
+        c.cmd("EHLO client.test")
+        for i in range(5):
+            assert c.cmd("MAIL FROM:<a@example.org>").startswith("250")
+            assert c.cmd("RCPT TO:<b@example.test>").startswith("250")
+            assert c.cmd("DATA").startswith("354")
+            body = b"Subject: %d\r\n\r\nbody %d\r\n" % (i, i)
+            c.send(body + b".\r\n")
+            r = c.reply()
+            replies.append(r)
+            if r.startswith("250"):
+                bodies[r.rsplit(" ", 1)[1]] = body
+        c.cmd("QUIT")
+    finally:
+        proc.stop()
+    codes = [r[:3] for r in replies]
+    # 250s first, then only 451s: strict spends two fsyncs per message
+    # (so message 2 fails), journal one (message 3)
+    first_bad = 1 if protocol == "strict" else 2
+    assert codes == ["250"] * first_bad + ["451"] * (5 - first_bad), replies
+    assert all("4.3.0" in r for r in replies[first_bad:]), replies
+    stored = {name: read_queued(spool / "incoming" / name) for name in
+              os.listdir(spool / "incoming")}
+    assert set(stored) == set(bodies)
+    for qid, body in bodies.items():
+        assert stored[qid][1].endswith(body)
+    assert os.listdir(spool / "tmp") == []
