@@ -206,13 +206,35 @@ def format_stages(st: dict) -> list[str]:
     return out
 
 
+def format_sendmail(sm: dict) -> list[str]:
+    """sendmail calls per second, msa against Postfix (target 1.0x)."""
+    if not sm:
+        return []
+    out = ["sendmail -t, one message per call:"]
+    for name in ("msa", "postfix"):
+        r = sm.get(name)
+        if r:
+            out.append(f"  {name:<8} " + (f"{r['per_s']:7.1f} calls/s" if "per_s" in r
+                                          else f"error: {r.get('error')}"))
+    m, p = sm.get("msa", {}).get("per_s"), sm.get("postfix", {}).get("per_s")
+    if m and p:
+        out.append(f"  ratio {m / p:.2f}x (target 1.0x)")
+    return out
+
+
 def format_meta(meta: dict) -> list[str]:
     out = [f"msa {meta.get('msa_rev', '?')} vs Postfix {meta.get('postfix_version', '?')}; "
            f"{meta.get('cpus')} CPUs; Python {meta.get('python')}; {meta.get('kernel')}"]
     d = meta.get("disk")
     if d:
         out.append(f"disk, one thread, 2 KB files: {d['creates_per_s']:.0f} fsynced creates/s; "
-                   f"{d['commits_per_s']:.0f} create+fsync+rename+dir fsync/s")
+                   f"{d['commits_per_s']:.0f} create+fsync+rename+dir fsync/s (strict)")
+        if "journal_c1_per_s" in d:
+            out.append("disk, write+rename+fsync (journal): "
+                       + "; ".join(f"{d[f'journal_c{c}_per_s']:.0f}/s with {c} writers"
+                                   for c in (1, 10, 50)))
+        if d.get("protocol"):
+            out.append(f"msa's spool: {d['protocol']}")
     for note in meta.get("notes", []):
         out.append(f"note: {note}")
     return out
@@ -220,6 +242,7 @@ def format_meta(meta: dict) -> list[str]:
 
 def format_all(results: dict, metrics=("accept", "e2e")) -> str:
     parts = [format_meta(results.get("meta", {})), format_load(results, metrics),
+             format_sendmail(results.get("sendmail") or {}),
              format_stages(results.get("stages") or {}),
              format_big(results.get("big") or {}), format_idle(results.get("idle") or {}),
              format_backlog(results.get("backlog") or {})]

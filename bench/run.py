@@ -12,11 +12,14 @@ raw results); see ``bench/report.py`` for the targets.
     python3 bench/run.py --only accept --n 5000
     python3 bench/run.py --sides postfix # the reference alone
     python3 bench/run.py --profile DIR   # plus py-spy of msa at c=10
+    python3 bench/run.py --workdir /dev/shm          # both spools on tmpfs
+    python3 bench/run.py --workdir /var/tmp --fs ext4  # ext4 with a journal
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -38,7 +41,7 @@ from bench import profile as profile_mod  # noqa: E402
 from bench.sink import SMTP_SINK  # noqa: E402
 from bench.source import SMTP_SOURCE  # noqa: E402
 
-PHASES = ("accept", "e2e", "stages", "big", "idle", "backlog")
+PHASES = ("accept", "e2e", "sendmail", "stages", "big", "idle", "backlog")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="msa's [daemon] edge_workers (default: msa's own default)")
     p.add_argument("--json", metavar="PATH", help="write the raw results here")
     p.add_argument("--workdir", help="parent of the temp dir (default: system temp)")
+    p.add_argument("--fs", choices=("ext4", "ext4-nojournal", "xfs"),
+                   help="run on a file system of this type made in an image file under "
+                   "--workdir (so on that disk) and loop-mounted (root)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, spools)")
     a = p.parse_args(argv)
     q = a.quick
@@ -113,10 +119,12 @@ def raise_nofile() -> None:
 def run(args: argparse.Namespace, work: Path, results: dict) -> None:
     log = lambda s: print(s, flush=True)  # noqa: E731
     m = results["meta"]
-    m["disk"] = {"creates_per_s": disk.fsynced_creates_per_s(work / "disk", 200 if args.quick
-                                                             else 1000),
-                 "commits_per_s": disk.durable_commits_per_s(work / "disk", 200 if args.quick
-                                                             else 1000)}
+    m["disk"] = disk.ceilings(work / "disk", 200 if args.quick else 1000)
+    try:
+        from spool import durable
+        m["disk"]["protocol"] = durable.choose(str(work)).describe()
+    except OSError as exc:
+        m["disk"]["protocol"] = f"? ({exc})"
     sides = list(args.side_list)
     if args.edge_workers is not None:
         msa_side.EDGE_WORKERS = args.edge_workers
@@ -148,6 +156,10 @@ def run(args: argparse.Namespace, work: Path, results: dict) -> None:
                 path.write_text(summary + "\n")
                 results["profile"].append(str(path))
                 log(f"profile of msa at c=10 ({folded.name}):\n{summary}")
+    if "sendmail" in args.phases:
+        calls = 20 if args.quick else 100
+        log(f"sendmail phase: {calls} calls, one message each")
+        results["sendmail"] = scenarios.sendmail_phase(work, sides, calls, args.size, log)
     if "msa" in sides and "stages" in args.phases:
         log(f"components phase: edge, watcher, runner alone, N={args.n}")
         results["stages"] = scenarios.stages_phase(work, args.n, args.size, log)
@@ -179,7 +191,16 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 69
     raise_nofile()
-    work = Path(tempfile.mkdtemp(prefix="msa-bench-", dir=args.workdir))
+    with contextlib.ExitStack() as stack:
+        parent = args.workdir
+        if args.fs:
+            parent = str(stack.enter_context(disk.loop_filesystem(
+                Path(args.workdir or tempfile.gettempdir()), args.fs)))
+        return _main(args, parent)
+
+
+def _main(args: argparse.Namespace, parent: str | None) -> int:
+    work = Path(tempfile.mkdtemp(prefix="msa-bench-", dir=parent))
     os.chmod(work, 0o755)  # Postfix's unprivileged daemons must reach their queue
     results: dict = {"meta": meta(args)}
     started = time.monotonic()

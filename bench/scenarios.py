@@ -23,11 +23,12 @@ import selectors
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from . import procs, source
-from .msa_side import MsaInstance, write_backlog
+from .msa_side import ROOT, MsaInstance, write_backlog
 from .postfix_ref import PostfixRef
 from .sink import Sink
 
@@ -415,3 +416,35 @@ class Profiler:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def sendmail_phase(work: Path, sides: list[str], calls: int, size: int, log=print) -> dict:
+    """``calls`` sequential ``sendmail -t`` calls, one message each, with
+    the system running (Postfix: its ``sendmail``/``postdrop`` into its
+    private instance's maildrop, ``-C``; msa: ``bin/sendmail`` with the
+    instance's config): calls per second, each call durable when it exits."""
+    body = (b"From: bench@example.org\nTo: sink@example.test\nSubject: bench\n\n"
+            + b"x" * max(0, size - 80) + b"\n")
+    out: dict = {}
+    for name in sides:
+        side = Side(name, work / f"sendmail-{name}")
+        try:
+            side.start()
+            if name == "postfix":
+                argv = ["/usr/sbin/sendmail", "-C", str(side.server.etc), "-t"]
+                env = dict(os.environ)
+            else:
+                argv = [sys.executable, str(ROOT / "bin" / "sendmail"), "-t"]
+                env = dict(os.environ, MSA_CONFIG=str(side.server.config))
+            start = time.monotonic()
+            for _ in range(calls):
+                subprocess.run(argv, input=body, env=env, check=True, timeout=60,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            seconds = time.monotonic() - start
+            out[name] = {"calls": calls, "seconds": seconds, "per_s": calls / seconds}
+            log(f"  {name}: {calls / seconds:.1f} sendmail calls/s")
+        except Exception as exc:  # noqa: BLE001
+            out[name] = {"error": f"{exc}"[:500]}
+        finally:
+            side.stop()
+    return out
