@@ -15,9 +15,23 @@ from .core import (
                    pid_alive,
                    valid_name,
 )
-from .due import DueIndex
-from .group import GroupSync, ThreadGroupSync
-from .watch import StageWatcher
+
+# The watcher, the due index and the group syncs are imported when first
+# used (PEP 562): a sendmail call, which only deposits a file, does not
+# pay for inotify_simple and the rest (about 6 ms of its start).
+_LAZY = {"DueIndex": "due", "GroupSync": "group", "ThreadGroupSync": "group",
+         "StageWatcher": "watch"}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'spool' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["Claim", "DueIndex", "GroupSync", "Spool", "SpoolError",
            "SpoolFull", "SpoolUnavailable", "StageWatcher", "ThreadGroupSync",

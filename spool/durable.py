@@ -56,7 +56,6 @@ to syncfs"); below 5.8 ``auto`` picks ``strict``.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 
@@ -166,15 +165,12 @@ def choose(path: str, mode: str = "auto") -> Protocol:
 def syncfs(fd: int) -> None:
     """``syncfs(2)`` of the filesystem holding the open file ``fd``
     (os has no syncfs; the C library's is called through ctypes)."""
-    if _libc().syncfs(fd) != 0:
+    import ctypes  # here: a sendmail call never needs it (4 ms)
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    if _LIBC[0].syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
 
 _LIBC: list = []
-
-
-def _libc():
-    if not _LIBC:
-        _LIBC.append(ctypes.CDLL(None, use_errno=True))
-    return _LIBC[0]

@@ -30,11 +30,11 @@ it runs with the caller's uid, and ``maildrop/`` and ``tmp/`` are mode
 from __future__ import annotations
 
 import errno
+import io
 import itertools
 import os
 import pwd
 import sys
-import tempfile
 import time
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator
 
@@ -119,6 +119,49 @@ def spool_failure(exc: SpoolError) -> Failure:
     return Failure(str(exc), sysexits.EX_CANTCREAT)
 
 
+class _SpillBuffer:
+    """The message as read, in memory up to :data:`MEMORY_BUFFER` bytes,
+    then in an unnamed file in the spool's ``tmp/`` (``O_TMPFILE``: gone
+    with the process). What tempfile.SpooledTemporaryFile does, without
+    importing tempfile (random, shutil, hashlib: 10 ms of every call)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.mem: io.BytesIO | None = io.BytesIO()
+        self.file: BinaryIO | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.mem is not None and self.mem.tell() + len(data) > MEMORY_BUFFER:
+            self.file = self._spill_file()
+            self.file.write(self.mem.getvalue())
+            self.mem = None
+        (self.mem if self.mem is not None else self.file).write(data)
+
+    def _spill_file(self) -> BinaryIO:
+        try:
+            fd = os.open(self.directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            import tempfile
+            return tempfile.TemporaryFile(dir=self.directory)
+        return os.fdopen(fd, "w+b")
+
+    def seek(self, offset: int) -> None:
+        (self.mem if self.mem is not None else self.file).seek(offset)
+
+    def read(self, n: int) -> bytes:
+        return (self.mem if self.mem is not None else self.file).read(n)
+
+    def __enter__(self) -> "_SpillBuffer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.mem = self.file = None
+
+
 def deposit(spool: Spool, env: Envelope, chunks: Iterable[bytes], max_size: int,
             complete: Callable[[], bool] = lambda: True) -> str:
     """Write ``env`` + message durably into ``maildrop/``; returns the id.
@@ -128,7 +171,7 @@ def deposit(spool: Spool, env: Envelope, chunks: Iterable[bytes], max_size: int,
     SpoolError or OSError; on every error nothing of this message stays in
     ``maildrop/`` or ``tmp/``.
     """
-    with tempfile.SpooledTemporaryFile(MEMORY_BUFFER, dir=spool.root / "tmp") as buf:
+    with _SpillBuffer(f"{spool.root_s}/tmp") as buf:
         size = 0
         for chunk in chunks:
             size += len(chunk)
