@@ -16,8 +16,16 @@ import statistics
 from dataclasses import dataclass
 
 # The CEO's targets: msa/Postfix ratio at a concurrency, or an absolute bound.
-ACCEPT_TARGETS = {1: 0.8, 10: 1.0, 50: 1.0}
-E2E_TARGETS = {10: 1.0}
+# Issue 10: with the spools on a disk (flush cost), and on tmpfs (CPU only:
+# the commit protocol must not cost CPU).
+ACCEPT_TARGETS = {1: 1.2, 10: 2.0, 50: 3.0}
+E2E_TARGETS = {10: 2.0}
+TMPFS_TARGETS = {1: 1.1, 10: 1.1, 50: 1.1}
+
+
+def on_tmpfs(meta: dict) -> bool:
+    """The run's work dir (both spools) was on tmpfs."""
+    return "tmpfs" in str((meta.get("disk") or {}).get("protocol", ""))
 BIG_RSS_GROWTH_MB = 64
 IDLE_RSS_MB = 200
 BACKLOG_FIRST_S = 5.0
@@ -61,11 +69,12 @@ def median_rate(runs: list[dict], key: str) -> float | None:
     return statistics.median(rates)
 
 
-def load_rows(load: list[dict], metrics=("accept", "e2e")) -> list[Row]:
+def load_rows(load: list[dict], metrics=("accept", "e2e"), tmpfs: bool = False) -> list[Row]:
     concs = sorted({r["conc"] for r in load})
     rows = []
     for metric in metrics:
-        targets = ACCEPT_TARGETS if metric == "accept" else E2E_TARGETS
+        targets = (TMPFS_TARGETS if tmpfs else
+                   ACCEPT_TARGETS if metric == "accept" else E2E_TARGETS)
         for conc in concs:
             cell = {}
             for side in ("msa", "postfix"):
@@ -103,7 +112,7 @@ def format_load(results: dict, metrics=("accept", "e2e")) -> list[str]:
            "median msg/s",
            f"{'metric':<8}{'conc':>5}{'msa':>11}{'postfix':>11}{'msa/pfx':>10}"
            f"{'target':>9}  verdict"]
-    for row in load_rows(load, metrics):
+    for row in load_rows(load, metrics, on_tmpfs(meta)):
         ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x"
         target = "" if row.target is None else f">={row.target:.1f}x"
         out.append(f"{row.metric:<8}{row.conc:>5}{_num(row.msa):>11}{_num(row.postfix):>11}"

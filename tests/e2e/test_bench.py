@@ -71,6 +71,17 @@ def test_rows_use_median_and_fail_a_cell_with_a_failed_round():
     assert rows["e2e", 10].msa == 25.0
 
 
+def test_targets_by_disk_regime():
+    load = [{"side": side, "conc": 10, "n": 100, "accept_s": s, "e2e_s": s, "error": ""}
+            for side, s in (("msa", 1.0), ("postfix", 1.5))]       # 1.5x
+    disk = {(r.metric, r.conc): r for r in report.load_rows(load)}
+    assert disk["accept", 10].target == 2.0 and disk["accept", 10].verdict == "MISS"
+    tmpfs = {(r.metric, r.conc): r for r in report.load_rows(load, tmpfs=True)}
+    assert tmpfs["e2e", 10].target == 1.1 and tmpfs["e2e", 10].verdict == "ok"
+    assert report.on_tmpfs({"disk": {"protocol": "commit protocol journal (tmpfs: ...)"}})
+    assert not report.on_tmpfs({"disk": {"protocol": "commit protocol journal (xfs: ...)"}})
+
+
 def test_verdicts_against_targets():
     assert report.Row("accept", 1, 80.0, 100.0, 0.8).verdict == "ok"
     assert report.Row("accept", 10, 99.0, 100.0, 1.0).verdict == "MISS"
