@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -79,3 +80,58 @@ def test_detected_on_real_filesystems(tmp_path, mkfs, protocol):
         qid = spool.deposit("incoming", b"x" * 5000)
         assert (point / "spool" / "incoming" / qid).read_bytes() == b"x" * 5000
         assert list(spool.names("tmp")) == []
+
+
+MOVES = r"""
+import sys
+sys.path.insert(0, {root!r})
+from spool import Spool
+spool = Spool({spool!r}, ["incoming", "active"], sync={sync!r})
+qid = spool.deposit("incoming", b"x" * 3000)
+claim = spool.claim("incoming", qid)
+print("MOVE", flush=True)
+claim.move("active")
+claim = spool.claim("active", qid)
+print("DONE", flush=True)
+claim.done()
+print("STAGE", flush=True)
+spool.sync_stage("active")
+print("END", flush=True)
+"""
+
+
+@pytest.mark.parametrize("protocol", ["strict", "journal"])
+def test_moves_and_removals_flush_by_the_protocol(tmp_path, tmpfs_path, protocol):
+    """strict: a move fsyncs both directories, a removal its directory;
+    journal: a move or a removal fsyncs the claimed file itself (its
+    inode is logged with the directory change), a stage sync is one
+    syncfs; nothing else is flushed."""
+    if not support.have("strace"):
+        pytest.skip("strace not installed")
+    spool = (tmp_path if protocol == "strict" else tmpfs_path) / "spool"
+    trace = tmp_path / "trace"
+    code = MOVES.format(root=str(support.ROOT), spool=str(spool),
+                        sync="strict" if protocol == "strict" else "auto")
+    subprocess.run(["strace", "-f", "-y", "-qq", "-o", str(trace), "-e",
+                    "trace=fsync,fdatasync,syncfs,write", sys.executable, "-c", code],
+                   check=True, capture_output=True, timeout=60)
+    calls = [line.split(None, 1)[1] for line in trace.read_text().splitlines()]
+    marks = {m: next(i for i, c in enumerate(calls) if f', "{m}' in c)
+             for m in ("MOVE", "DONE", "STAGE", "END")}
+
+    def flushes(start: str, end: str) -> list[str]:
+        return [c.split("(", 1)[0] + " " + c.split("<", 1)[1].split(">", 1)[0]
+                for c in calls[marks[start] + 1:marks[end]]
+                if c.startswith(("fsync", "fdatasync", "syncfs"))]
+    active = f"{spool}/active"
+    if protocol == "strict":
+        assert flushes("MOVE", "DONE") == [f"fsync {active}", f"fsync {spool}/incoming"]
+        assert flushes("DONE", "STAGE") == [f"fsync {active}"]
+        assert flushes("STAGE", "END") == [f"fsync {active}"]
+    else:
+        deposit_sync = [c for c in calls[:marks["MOVE"]] if c.startswith("fsync")][-1]
+        name = deposit_sync.split("<", 1)[1].split(">", 1)[0].rsplit("/", 1)[1]
+        assert flushes("MOVE", "DONE") == [f"fsync {active}/{name}"]
+        assert len(flushes("DONE", "STAGE")) == 1
+        assert flushes("DONE", "STAGE")[0].startswith(f"fsync {active}/{name}")
+        assert flushes("STAGE", "END") == [f"syncfs {spool}"]
