@@ -42,6 +42,8 @@ class CachedDisk:
 
     def __init__(self, image: bytes, lying: bool = False):
         self.lying = lying
+        self.dead = threading.Event()   # the power is off: nothing more lands
+        self._die_after: int | None = None
         self.durable = bytearray(image)    # what survives a power cut
         self.visible = bytearray(image)    # what reads return
         self.pending: list[tuple[int, bytes]] = []   # written, not flushed
@@ -52,8 +54,19 @@ class CachedDisk:
         with self.lock:
             return bytes(self.visible[offset:offset + length])
 
+    def arm(self, writes: int) -> None:
+        """Lose power once ``writes`` more writes have landed in the cache
+        (so the cut falls among a commit's writes, not after its flush)."""
+        with self.lock:
+            self._die_after = self.writes + max(1, writes)
+
     def write(self, offset: int, data: bytes, fua: bool) -> None:
         with self.lock:
+            if self.dead.is_set():
+                return
+            if self._die_after is not None and self.writes >= self._die_after:
+                self.dead.set()
+                return
             self.visible[offset:offset + len(data)] = data
             self.writes += 1
             if fua and not self.lying:
@@ -64,6 +77,8 @@ class CachedDisk:
 
     def flush(self) -> None:
         with self.lock:
+            if self.dead.is_set():
+                return
             if self.lying:
                 self.flushes += 1
                 return
@@ -164,6 +179,10 @@ class NbdServer:
             if magic != REQUEST_MAGIC:
                 return
             error, payload = 0, b""
+            if disk.dead.is_set():
+                if kind == CMD_WRITE:
+                    _recv(conn, length)
+                continue            # no power: no replies, nothing stored
             if kind == CMD_READ:
                 payload = disk.read(offset, length)
             elif kind == CMD_WRITE:
@@ -175,4 +194,6 @@ class NbdServer:
                 return
             else:
                 error = EINVAL
+            if disk.dead.is_set():
+                continue            # died during this request: no reply
             conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, handle) + payload)

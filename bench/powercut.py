@@ -316,6 +316,15 @@ def main(argv: list[str] | None = None) -> int:
                                  f"(see {work}/console-{n}.log)")
             ready_s = time.monotonic() - started
             time.sleep(rng.uniform(0.5, args.max_wait))
+            how = "at a random moment"
+            if n % 2:
+                # every other cut falls among a commit's writes: the disk
+                # loses power after 1 to 8 more writes have reached it
+                armed = rng.randint(1, 8)
+                disk.arm(armed)
+                how = f"{armed} writes later"
+                if not disk.dead.wait(120):
+                    how += " (no write came: cut at 120 s)"
             boot.cut()
             server.close()
             crashed, pieces, kept = disk.power_cut(rng)
@@ -338,12 +347,13 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 subprocess.run(["umount", str(mnt)], check=True, capture_output=True,
                                timeout=300)
-            result.update({"cut": n, "acked_this_boot": len(boot.acks), "ready_s":
+            result.update({"cut": n, "how": how, "acked_this_boot": len(boot.acks), "ready_s":
                            round(ready_s, 1), "unflushed_blocks": pieces,
                            "unflushed_kept": kept, "flushes": disk.flushes,
                            "writes": disk.writes, "fua_writes": disk.fua_writes})
             report["cuts"].append(result)
-            print(f"cut {n}: ready after {ready_s:.0f} s, {len(boot.acks)} acked this boot, "
+            print(f"cut {n} ({how}): ready after {ready_s:.0f} s, {len(boot.acks)} acked "
+                  f"this boot, "
                   f"{result['acked']} in all: found {result['found']}, lost "
                   f"{len(result['lost'])}, broken {len(result['broken'])}; "
                   f"{kept}/{pieces} unflushed blocks kept ({disk.writes} writes, "

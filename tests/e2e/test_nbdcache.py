@@ -58,3 +58,18 @@ def test_qemu_nbd_client_reads_writes_and_flushes(tmp_path):
         assert disk.durable[8192:8192 + 4096] == b"\x5a" * 4096
     finally:
         server.close()
+
+
+def test_armed_disk_dies_among_writes():
+    disk = CachedDisk(bytes(8 * BLOCK))
+    disk.write(0, b"a" * BLOCK, fua=False)
+    disk.arm(2)
+    disk.write(BLOCK, b"b" * BLOCK, fua=False)
+    disk.write(2 * BLOCK, b"c" * BLOCK, fua=False)
+    assert not disk.dead.is_set()
+    disk.write(3 * BLOCK, b"d" * BLOCK, fua=True)     # the third: no power
+    disk.flush()
+    assert disk.dead.is_set()
+    image, pieces, _ = disk.power_cut(random.Random(0))
+    assert pieces == 3                                  # a, b, c: never flushed
+    assert image[3 * BLOCK:4 * BLOCK] == bytes(BLOCK)
