@@ -26,7 +26,7 @@ def test_forged_lines_come_out_escaped(tmp_path, ca):
     sp = open_spool(config.load(str(path)))
     proc = start_daemon(path, "daemon", "--log", str(log))
     try:
-        support.wait_port(ports[0])
+        support.wait_port(ports[1])    # the port it talks to (bound after ports[0])
         c = RawClient(ports[1], ca=ca, implicit=True)
         c.cmd("EHLO client.test")
         user = f"foo\n{FORGED}\r\n\x1b[2J"
@@ -72,7 +72,7 @@ def test_every_client_field_comes_out_escaped(tmp_path, ca):
     sp = open_spool(config.load(str(path)))
     proc = start_daemon(path)
     try:
-        support.wait_port(ports[0])
+        support.wait_port(ports[1])    # the port it talks to (bound after ports[0])
         c = RawClient(ports[1], ca=ca, implicit=True)
         c.cmd(f"EHLO helo{BAD}".encode())
         c.cmd("EHLO client.test")
