@@ -49,6 +49,7 @@ from msa.message import queuefile  # noqa: E402
 
 MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4", "xfs", "9pnet_virtio", "9p")
 PORT = 2525
+QID_LEN = 22
 BUSYBOX = "/bin/busybox"
 
 INIT = r"""#!/bin/busybox sh
@@ -178,7 +179,7 @@ log_level = "warning"
     return path
 
 
-def check_spool(root: Path, acked: dict[str, str]) -> dict:
+def check_spool(root: Path, acked: dict[str, str | None]) -> dict:
     """Every acknowledged id whole somewhere in the spool (any stage but
     tmp/ and corrupt/), with the digest of the body it was sent with."""
     found: dict[str, Path] = {}
@@ -209,7 +210,7 @@ def check_spool(root: Path, acked: dict[str, str]) -> dict:
             broken.append(f"{qid}: {exc}")
             continue
         body = message.split(b"\r\n\r\n", 1)[1]
-        if hashlib.sha256(body).hexdigest() != digest:
+        if digest is not None and hashlib.sha256(body).hexdigest() != digest:
             broken.append(f"{qid}: body differs")
     return {"acked": len(acked), "found": len(acked) - len(lost) - len(broken),
             "lost": lost, "broken": broken, "corrupt_files": corrupt,
@@ -221,7 +222,7 @@ class Boot:
 
     def __init__(self, args, kernel_path: str, initrd: Path, port: int, config: Path,
                  mnt: str, log: Path):
-        self.acks: dict[str, str] = {}
+        self.acks: dict[str, str | None] = {}
         self.ready = threading.Event()
         self.failed: str | None = None
         cmdline = (f"console=ttyS0 panic=-1 quiet fstype={args.fs} mnt={mnt} "
@@ -244,9 +245,13 @@ class Boot:
             self.log.write(raw)
             line = raw.decode(errors="replace").strip()
             if line.startswith("@@ACK "):
+                # The cut can end the console mid-line: a line without its
+                # whole queue id names nothing; one without its whole digest
+                # is an acknowledgement whose body cannot be compared.
                 parts = line.split()
-                if len(parts) == 3 and parts[1]:
-                    self.acks[parts[1]] = parts[2]
+                if len(parts) >= 2 and len(parts[1]) == QID_LEN:
+                    digest = parts[2] if len(parts) == 3 and len(parts[2]) == 64 else None
+                    self.acks[parts[1]] = digest
             elif line.startswith("@@READY"):
                 self.ready.set()
             elif line.startswith("@@FAILED"):
@@ -298,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         f.truncate(args.size_mb * 1024 * 1024)
     mkfs = ["mkfs.ext4", "-q", "-F"] if args.fs == "ext4" else ["mkfs.xfs", "-q", "-f"]
     subprocess.run([*mkfs, str(image)], check=True, capture_output=True, timeout=300)
-    acked: dict[str, str] = {}
+    acked: dict[str, str | None] = {}
     report: dict = {"fs": args.fs, "seed": seed, "kernel": kernel_path, "cuts": [],
                     "lying_disk": args.lying_disk}
     print(f"powercut: {args.fs}, {args.cuts} cuts, seed {seed}, work {work}", flush=True)
@@ -352,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
                            "unflushed_kept": kept, "flushes": disk.flushes,
                            "writes": disk.writes, "fua_writes": disk.fua_writes})
             report["cuts"].append(result)
+            for line in result["lost"][:5] + result["broken"][:5]:
+                print(f"  lost or broken: {line}", flush=True)
+            if (result["lost"] or result["broken"]) and not (work / "first-loss.img").exists():
+                shutil.copyfile(image, work / "first-loss.img")
+                shutil.copyfile(work / f"console-{n}.log", work / "first-loss-console.log")
+                print(f"  image kept as {work}/first-loss.img", flush=True)
             print(f"cut {n} ({how}): ready after {ready_s:.0f} s, {len(boot.acks)} acked "
                   f"this boot, "
                   f"{result['acked']} in all: found {result['found']}, lost "
