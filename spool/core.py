@@ -50,7 +50,6 @@ import errno
 import fcntl
 import functools
 import itertools
-import logging
 import os
 import stat
 import threading
@@ -60,7 +59,13 @@ from typing import BinaryIO, Iterable, Iterator
 
 from . import durable
 
-log = logging.getLogger("spool")
+
+def _log():
+    """The library's logger, "spool" (logging is imported on first use: a
+    sendmail call, which only deposits a file, never logs here; 4 ms)."""
+    import logging
+    return logging.getLogger("spool")
+
 
 FIXED_DIRS = ("tmp", "deferred", "hold", "corrupt", "claims")
 STALE_TMP_SECONDS = 86400
@@ -689,7 +694,7 @@ class Spool:
             dest = self.root / "corrupt" / f"{name}.{new_id()}"
         os.rename(src, dest)
         fsync_dir(dest.parent)
-        log.warning("%s: moved %s/%s to corrupt/: %s", name, stage, name, reason)
+        _log().warning("%s: moved %s/%s to corrupt/: %s", name, stage, name, reason)
         return dest
 
     # -- crash recovery ---------------------------------------------------
@@ -710,7 +715,7 @@ class Spool:
                 try:
                     os.unlink(tmp / name)
                     removed_tmp += 1
-                    log.info("recover: removed tmp/%s (writer gone)", name)
+                    _log().info("recover: removed tmp/%s (writer gone)", name)
                 except FileNotFoundError:
                     pass
         for name in list(self.names("claims")):

@@ -26,9 +26,6 @@ maildrop files too. Invariants:
 
 from __future__ import annotations
 
-import email.errors
-import email.parser
-import email.policy
 import re
 from dataclasses import dataclass, field
 from email.utils import getaddresses
@@ -354,6 +351,11 @@ def header_addresses(headers: bytes, name: str = "From") -> list[str] | None:
     the raw text, which a client may follow to bob). 8-bit text is read as
     UTF-8 (RFC 6532); invalid UTF-8 survives as surrogates and so matches
     no configured address."""
+    # Imported here: the edge calls this, a sendmail call never does (the
+    # email package's parser and policies cost it 8 ms).
+    import email.errors
+    import email.parser
+    import email.policy
     text = headers.decode("utf-8", "surrogateescape")
     raw = [field_value_raw(f) for f in split_fields(headers) if field_name(f) == name.lower()]
     out: list[str] = []
