@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
 
 from bench.nbdcache import CachedDisk, NbdServer  # noqa: E402
 from msa.message import queuefile  # noqa: E402
+from spool import durable  # noqa: E402
 
 MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4", "xfs", "9pnet_virtio", "9p")
 PORT = 2525
@@ -134,7 +135,7 @@ def initramfs(moddir: str, dest: Path) -> None:
     dest.write_bytes(cpio(entries))
 
 
-def write_config(cfg_dir: Path, mnt: str) -> Path:
+def write_config(cfg_dir: Path, mnt: str, sync: str = "auto") -> Path:
     """msa.toml for the VM: plain SMTP on 127.0.0.1 without AUTH (trusted),
     relay to a closed port (so messages are deferred, rewritten, kept)."""
     cfg_dir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +149,7 @@ def write_config(cfg_dir: Path, mnt: str) -> Path:
     path.write_text(f"""\
 [spool]
 root = "{mnt}/spool"
+sync = "{sync}"
 
 [server]
 hostname = "powercut.test"
@@ -269,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--fs", choices=("ext4", "xfs"), default="ext4")
     p.add_argument("--cuts", type=int, default=20)
+    p.add_argument("--sync", choices=("auto", "strict"), default="auto",
+                   help="msa's [spool] sync in the VM (auto: journal on ext4 and xfs)")
     p.add_argument("--size-mb", type=int, default=512)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-wait", type=float, default=60.0,
@@ -297,16 +301,18 @@ def main(argv: list[str] | None = None) -> int:
     mnt.mkdir()
     initrd = work / "initrd.cpio"
     initramfs(moddir, initrd)
-    config = write_config(work / "cfg", str(mnt))
+    config = write_config(work / "cfg", str(mnt), args.sync)
     image = work / "spool.img"
     with open(image, "wb") as f:
         f.truncate(args.size_mb * 1024 * 1024)
     mkfs = ["mkfs.ext4", "-q", "-F"] if args.fs == "ext4" else ["mkfs.xfs", "-q", "-f"]
     subprocess.run([*mkfs, str(image)], check=True, capture_output=True, timeout=300)
     acked: dict[str, str | None] = {}
-    report: dict = {"fs": args.fs, "seed": seed, "kernel": kernel_path, "cuts": [],
+    report: dict = {"fs": args.fs, "sync": args.sync, "seed": seed, "kernel": kernel_path,
+                    "cuts": [],
                     "lying_disk": args.lying_disk}
-    print(f"powercut: {args.fs}, {args.cuts} cuts, seed {seed}, work {work}", flush=True)
+    print(f"powercut: {args.fs}, [spool] sync = {args.sync}, {args.cuts} cuts, seed {seed}, "
+          f"work {work}", flush=True)
     try:
         for n in range(args.cuts):
             disk = CachedDisk(image.read_bytes(), lying=args.lying_disk)
@@ -349,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
                 break
             try:
                 result = check_spool(mnt / "spool", acked)
+                if "protocol" not in report:
+                    # what [spool] sync chooses on this filesystem (the
+                    # guest's kernel, 5.8 or later, chooses the same)
+                    report["protocol"] = durable.choose(str(mnt), args.sync).describe()
+                    print(f"msa's spool: {report['protocol']}", flush=True)
             finally:
                 subprocess.run(["umount", str(mnt)], check=True, capture_output=True,
                                timeout=300)
