@@ -2,6 +2,7 @@
 deferral by due time, hold, quarantine, crash recovery and inotify
 watching. See :mod:`spool.core` for the on-disk invariants."""
 
+from . import durable
 from .core import (
                    Claim,
                    Spool,
@@ -33,6 +34,6 @@ def __getattr__(name: str):
     return value
 
 
-__all__ = ["Claim", "DueIndex", "GroupSync", "Spool", "SpoolError",
+__all__ = ["Claim", "DueIndex", "durable", "GroupSync", "Spool", "SpoolError",
            "SpoolFull", "SpoolUnavailable", "StageWatcher", "ThreadGroupSync",
            "Writer", "fsync_dir", "id_time", "new_id", "pid_alive", "valid_name"]

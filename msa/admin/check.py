@@ -30,7 +30,6 @@ from msa.message.headers import normalize_address
 from msa.protocol.errors import AddressError
 
 
-
 def _enums() -> dict[tuple[str, str], tuple[str, ...]]:
     """The keys that take one of a few words, and the words (the modules
     that act on them own the lists)."""
@@ -263,5 +262,16 @@ def main(argv: list[str]) -> int:
         print(f"msa check: {cfg.path}: {problem}", file=sys.stderr)
     if found:
         return sysexits.EX_CONFIG
+    print(f"msa check: spool {cfg.spool.root}: {_protocol(cfg)}")
     print(f"msa check: {cfg.path}: ok")
     return sysexits.EX_OK
+
+
+def _protocol(cfg: config.Config) -> str:
+    """The commit protocol the daemon will choose for the spool (on the
+    filesystem of its nearest existing directory, if it is not made yet)."""
+    from spool import durable
+    path = os.path.abspath(cfg.spool.root)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return durable.choose(path, cfg.spool.sync).describe()

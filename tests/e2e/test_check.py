@@ -51,6 +51,17 @@ def test_the_demo_config_is_ok(demo):
     assert p.returncode == 0 and p.stdout.strip().endswith(": ok"), (p.stdout, p.stderr)
 
 
+def test_check_names_the_commit_protocol(demo):
+    p = msa("check", "-C", str(demo))
+    assert p.returncode == 0 and ": commit protocol " in p.stdout, p.stdout
+    set_key(demo, "spool", "sync", '"strict"')
+    p = msa("check", "-C", str(demo))
+    assert p.returncode == 0 and ": commit protocol strict (" in p.stdout, p.stdout
+    set_key(demo, "spool", "sync", '"fast"')
+    p = msa("check", "-C", str(demo))
+    assert p.returncode == 78 and 'spool.sync: expected "auto" or "strict"' in p.stderr, p.stderr
+
+
 def test_every_problem_is_listed_and_the_daemon_refuses_too(demo):
     set_key(demo, "relay", "tls", '"sometimes"')
     set_key(demo, "relay", "smarthost", '"relay.test:99999"')
