@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -87,3 +88,32 @@ def test_full_disk_in_smtp_mode_is_452(full_cfg):
     assert "452 4.3.1 Insufficient system storage" in replies, replies
     assert replies[-1].startswith("221")
     _assert_intact(full_cfg, accepted)
+
+
+@pytest.mark.parametrize("protocol", ["strict", "journal"])
+def test_failed_flush_exits_75_and_queues_nothing(tmp_path, tmpfs_path, protocol):
+    """strace fails every fsync and syncfs of a sendmail call with EIO:
+    it exits 75 with the reason, and maildrop/ and tmp/ stay empty (under
+    the journal protocol the file, renamed before its fsync, is taken
+    back)."""
+    if not ss.support.have("strace"):
+        pytest.skip("strace not installed")
+    cfg = ss.support.write_config(tmp_path, None)
+    text = cfg.read_text()
+    if protocol == "journal":     # tmpfs: where [spool] sync = auto takes journal
+        text = text.replace(str(tmp_path / "spool"), str(tmpfs_path / "spool"))
+    else:
+        text = text.replace("[spool]\n", '[spool]\nsync = "strict"\n')
+    cfg.write_text(text)
+    assert ss.sendmail(["r@x.test"], b"Subject: first\n\nkept\n", cfg).returncode == 0
+    r = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync,syncfs",
+                        "-e", "inject=fsync,syncfs:error=EIO", sys.executable,
+                        str(ss.support.BIN / "sendmail"), "r@x.test"],
+                       input=b"Subject: second\n\nlost\n", capture_output=True,
+                       env=ss.support.msa_env(cfg), timeout=120)
+    assert r.returncode == 75, r.stderr
+    assert r.stderr == (b"sendmail: cannot write queue file: Input/output error; "
+                        b"try again later\n")
+    root = ss.spool_root(cfg)
+    assert [q.body() for q in ss.maildrop(cfg)] == [b"kept\r\n"]
+    assert os.listdir(root / "tmp") == []
