@@ -225,12 +225,13 @@ class Boot:
     def __init__(self, args, kernel_path: str, initrd: Path, port: int, config: Path,
                  mnt: str, log: Path):
         self.acks: dict[str, str | None] = {}
+        self.client_errors: list[str] = []
         self.ready = threading.Event()
         self.failed: str | None = None
         cmdline = (f"console=ttyS0 panic=-1 quiet fstype={args.fs} mnt={mnt} "
                    f"python={ROOT}/.venv/bin/python3 guest={ROOT}/bench/powercut_guest.py "
                    f"config={config} port={PORT}")
-        argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", "2048", "-smp", "2",
+        argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", "2048", "-smp", str(args.smp),
                 "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
                 "-kernel", kernel_path, "-initrd", str(initrd), "-append", cmdline,
                 "-drive", f"file=nbd://127.0.0.1:{port},format=raw,if=virtio,cache=writeback",
@@ -254,6 +255,8 @@ class Boot:
                 if len(parts) >= 2 and len(parts[1]) == QID_LEN:
                     digest = parts[2] if len(parts) == 3 and len(parts[2]) == 64 else None
                     self.acks[parts[1]] = digest
+            elif line.startswith("@@CLIENT"):
+                self.client_errors.append(line)
             elif line.startswith("@@READY"):
                 self.ready.set()
             elif line.startswith("@@FAILED"):
@@ -273,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cuts", type=int, default=20)
     p.add_argument("--sync", choices=("auto", "strict"), default="auto",
                    help="msa's [spool] sync in the VM (auto: journal on ext4 and xfs)")
-    p.add_argument("--size-mb", type=int, default=512)
+    p.add_argument("--size-mb", type=int, default=1024,
+                   help="the spool disk (about 20 KB a message; 20 cuts queue ~15,000)")
+    p.add_argument("--smp", type=int, default=2, help="the VM's CPUs")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-wait", type=float, default=60.0,
                    help="cut at a random moment up to this many seconds after the load starts")
@@ -368,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
                            "unflushed_kept": kept, "flushes": disk.flushes,
                            "writes": disk.writes, "fua_writes": disk.fua_writes})
             report["cuts"].append(result)
+            if not boot.acks:
+                # a cut with no load tests nothing: say so, and why
+                print(f"  no message acknowledged in this boot: "
+                      f"{boot.client_errors[-1:] or 'no client error'}", flush=True)
+            result["client_errors"] = boot.client_errors[-3:]
             for line in result["lost"][:5] + result["broken"][:5]:
                 print(f"  lost or broken: {line}", flush=True)
             if (result["lost"] or result["broken"]) and not (work / "first-loss.img").exists():
@@ -389,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     last = report["cuts"][-1] if report["cuts"] else {}
     lost = sum(len(c["lost"]) + len(c["broken"]) for c in report["cuts"])
+    loaded = sum(1 for c in report["cuts"] if c.get("acked_this_boot"))
+    print(f"powercut {args.fs}: {loaded} of {len(report['cuts'])} cuts fell during a load "
+          f"that was being acknowledged")
     print(f"powercut {args.fs}: {len(report['cuts'])} cuts, {last.get('acked', 0)} "
           f"acknowledged, {last.get('found', 0)} found whole at the last check, "
           f"{lost} lost or broken over all checks (seed {seed})")

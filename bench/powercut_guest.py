@@ -41,7 +41,7 @@ def client(port: int, seed: int) -> None:
         try:
             with SMTP("127.0.0.1", port, timeout=300) as s:
                 while True:
-                    size = rnd.choice((200, 2000, 20000, 150000))
+                    size = rnd.choice((200, 2000, 20000, 60000))
                     text = rnd.randbytes(size // 2 + 1).hex().encode()[:size]
                     # hex lines: nothing to dot-stuff, so this is what is stored
                     text = b"\r\n".join(text[i:i + 76] for i in range(0, len(text), 76))
