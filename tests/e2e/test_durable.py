@@ -72,7 +72,8 @@ def mounted(tmp_path, name: str, mkfs: list[str]):
     (["mkfs.xfs", "-q", "-f"], durable.JOURNAL),
 ], ids=["ext4", "ext4-nojournal", "xfs"])
 def test_detected_on_real_filesystems(tmp_path, mkfs, protocol):
-    with mounted(tmp_path, "fs", mkfs) as point:
+    # a space in the mount point: /proc/self/mountinfo writes it \040
+    with mounted(tmp_path, "spool fs", mkfs) as point:
         spool = Spool(point / "spool", ["incoming"])
         assert spool.protocol.name == protocol, spool.protocol
         assert spool.protocol.fstype == mkfs[0].split(".")[1]
