@@ -87,7 +87,7 @@ class CachedDisk:
             self.pending.clear()
             self.flushes += 1
 
-    def power_cut(self, rng: random.Random) -> tuple[bytes, int, int]:
+    def power_cut(self, rng: random.Random) -> tuple[bytearray, int, int]:
         """(the image after the cut, unflushed 4 KiB pieces, how many of
         them survived). Pieces that survive are applied in write order."""
         with self.lock:
@@ -100,7 +100,7 @@ class CachedDisk:
                         kept += 1
                         chunk = data[at:at + BLOCK]
                         image[offset + at:offset + at + len(chunk)] = chunk
-            return bytes(image), pieces, kept
+            return image, pieces, kept
 
 
 def _recv(sock: socket.socket, n: int) -> bytes:
@@ -124,7 +124,14 @@ class NbdServer:
         self.thread.start()
 
     def close(self) -> None:
+        # shutdown wakes the thread blocked in accept(); close alone does
+        # not, and that thread (holding the disk: 2 images in memory) lived on.
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
+        self.thread.join(10)
 
     def _serve(self) -> None:
         while True:

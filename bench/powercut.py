@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             server.close()
             crashed, pieces, kept = disk.power_cut(rng)
             image.write_bytes(crashed)
+            del crashed
             acked.update(boot.acks)
             mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)],
                                      capture_output=True, text=True, timeout=300)
@@ -392,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{disk.fua_writes} FUA, {disk.flushes} flushes); "
                   f"corrupt/ {result['corrupt_files']}",
                   flush=True)
+            del disk, server, boot          # two images in memory: not three
     finally:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
