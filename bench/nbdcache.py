@@ -44,6 +44,7 @@ class CachedDisk:
         self.lying = lying
         self.dead = threading.Event()   # the power is off: nothing more lands
         self._die_after: int | None = None
+        self._die_at_flush: int | None = None
         self.durable = bytearray(image)    # what survives a power cut
         self.visible = bytearray(image)    # what reads return
         self.pending: list[tuple[int, bytes]] = []   # written, not flushed
@@ -53,6 +54,13 @@ class CachedDisk:
     def read(self, offset: int, length: int) -> bytes:
         with self.lock:
             return bytes(self.visible[offset:offset + length])
+
+    def arm_flush(self, flushes: int) -> None:
+        """Lose power when the ``flushes``-th FLUSH from now arrives, before
+        it is carried out: what was written since the last flush is in the
+        cache, and a random part of it survives the cut."""
+        with self.lock:
+            self._die_at_flush = self.flushes + max(1, flushes)
 
     def arm(self, writes: int) -> None:
         """Lose power once ``writes`` more writes have landed in the cache
@@ -78,6 +86,9 @@ class CachedDisk:
     def flush(self) -> None:
         with self.lock:
             if self.dead.is_set():
+                return
+            if self._die_at_flush is not None and self.flushes + 1 >= self._die_at_flush:
+                self.dead.set()
                 return
             if self.lying:
                 self.flushes += 1

@@ -333,12 +333,20 @@ def main(argv: list[str] | None = None) -> int:
             ready_s = time.monotonic() - started
             time.sleep(rng.uniform(0.5, args.max_wait))
             how = "at a random moment"
-            if n % 2:
-                # every other cut falls among a commit's writes: the disk
-                # loses power after 1 to 8 more writes have reached it
-                armed = rng.randint(1, 8)
-                disk.arm(armed)
-                how = f"{armed} writes later"
+            if n % 3:
+                # two cuts in three fall inside a commit: the disk loses
+                # power after 1 to 8 more writes have reached it, or when
+                # the 1st to 4th flush from now arrives (what was written
+                # since the last flush is then in its cache, and a random
+                # part of it survives)
+                if n % 3 == 1:
+                    armed = rng.randint(1, 8)
+                    disk.arm(armed)
+                    how = f"{armed} writes later"
+                else:
+                    armed = rng.randint(1, 4)
+                    disk.arm_flush(armed)
+                    how = f"at flush {armed} from then"
                 if not disk.dead.wait(120):
                     how += " (no write came: cut at 120 s)"
             boot.cut()

@@ -73,3 +73,18 @@ def test_armed_disk_dies_among_writes():
     image, pieces, _ = disk.power_cut(random.Random(0))
     assert pieces == 3                                  # a, b, c: never flushed
     assert image[3 * BLOCK:4 * BLOCK] == bytes(BLOCK)
+
+
+def test_disk_armed_at_a_flush_dies_with_its_writes_in_the_cache():
+    disk = CachedDisk(bytes(8 * BLOCK))
+    disk.arm_flush(2)
+    disk.write(0, b"a" * BLOCK, fua=False)
+    disk.flush()                                        # the first: carried out
+    disk.write(BLOCK, b"b" * BLOCK, fua=False)
+    disk.flush()                                        # the second: no power
+    assert disk.dead.is_set()
+    disk.write(2 * BLOCK, b"c" * BLOCK, fua=False)      # nothing lands after
+    image, pieces, _ = disk.power_cut(random.Random(0))
+    assert image[:BLOCK] == b"a" * BLOCK
+    assert pieces == 1                                   # b: in the cache only
+    assert image[2 * BLOCK:3 * BLOCK] == bytes(BLOCK)
