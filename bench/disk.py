@@ -87,19 +87,26 @@ def ceilings(directory: Path, count: int) -> dict:
     return out
 
 
+# How each file system is made in an image file (the image's path last).
+MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"],
+        "ext4-nojournal": ["mkfs.ext4", "-q", "-F", "-O", "^has_journal"],
+        "xfs": ["mkfs.xfs", "-q", "-f"]}
+
+
 @contextlib.contextmanager
-def loop_filesystem(parent: Path, fstype: str, size_mb: int = 4096):
-    """A ``fstype`` file system (ext4, ext4-nojournal, xfs) in an image
-    file under ``parent`` (so on the disk that holds it), loop-mounted;
-    yields the mount point; unmounts and removes the image after. Root."""
-    mkfs = {"ext4": ["mkfs.ext4", "-q", "-F"],
-            "ext4-nojournal": ["mkfs.ext4", "-q", "-F", "-O", "^has_journal"],
-            "xfs": ["mkfs.xfs", "-q", "-f"]}[fstype]
-    image, point = parent / f"msa-bench-{fstype}.img", parent / f"msa-bench-{fstype}"
+def loop_filesystem(parent: Path, fstype: str, size_mb: int = 4096, name: str = ""):
+    """A ``fstype`` file system (a key of :data:`MKFS`) in an image file
+    under ``parent`` (so on the disk that holds it), loop-mounted on
+    ``parent/name`` (default ``msa-bench-<fstype>``); yields the mount
+    point; unmounts and removes the image after. Root; a failed mkfs or
+    mount raises CalledProcessError."""
+    name = name or f"msa-bench-{fstype}"
+    image, point = parent / f"{name}.img", parent / name
     with open(image, "wb") as f:
         f.truncate(size_mb * 1024 * 1024)
     try:
-        subprocess.run([*mkfs, str(image)], check=True, capture_output=True, timeout=300)
+        subprocess.run([*MKFS[fstype], str(image)], check=True, capture_output=True,
+                       timeout=300)
         point.mkdir(exist_ok=True)
         subprocess.run(["mount", "-o", "loop", str(image), str(point)], check=True,
                        capture_output=True, timeout=60)

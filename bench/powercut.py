@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import disk as disk_mod  # noqa: E402
 from bench.nbdcache import CachedDisk, NbdServer  # noqa: E402
 from msa.message import queuefile  # noqa: E402
 from spool import durable  # noqa: E402
@@ -310,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     image = work / "spool.img"
     with open(image, "wb") as f:
         f.truncate(args.size_mb * 1024 * 1024)
-    mkfs = ["mkfs.ext4", "-q", "-F"] if args.fs == "ext4" else ["mkfs.xfs", "-q", "-f"]
-    subprocess.run([*mkfs, str(image)], check=True, capture_output=True, timeout=300)
+    subprocess.run([*disk_mod.MKFS[args.fs], str(image)], check=True, capture_output=True,
+                   timeout=300)
     acked: dict[str, str | None] = {}
     report: dict = {"fs": args.fs, "sync": args.sync, "seed": seed, "kernel": kernel_path,
                     "cuts": [],

@@ -5,13 +5,13 @@ the machine's own tmpfs and procfs."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
 
 import pytest
 
+from bench import disk
 from spool import Spool, durable
 from tests import support
 
@@ -43,44 +43,27 @@ def test_spool_refuses_unknown_mode(tmp_path):
         Spool(tmp_path / "s", ["incoming"], sync="fast")
 
 
-@contextlib.contextmanager
-def mounted(tmp_path, name: str, mkfs: list[str]):
-    """A 300 MB image in tmp_path made by ``mkfs`` and loop-mounted on
-    tmp_path/name; unmounted (and its loop device freed) after."""
+@pytest.mark.parametrize("fstype, protocol", [
+    ("ext4", durable.JOURNAL), ("ext4-nojournal", durable.STRICT), ("xfs", durable.JOURNAL),
+])
+def test_detected_on_real_filesystems(tmp_path, fstype, protocol):
+    """On a 300 MB image made and loop-mounted by the bench's helper."""
     if os.geteuid() != 0:
         pytest.skip("loop mounts need root")
-    if not support.have(mkfs[0]):
-        pytest.skip(f"{mkfs[0]} not installed")
-    image, point = tmp_path / f"{name}.img", tmp_path / name
-    with open(image, "wb") as f:
-        f.truncate(300 * 1024 * 1024)
-    subprocess.run([*mkfs, str(image)], check=True, capture_output=True, timeout=120)
-    point.mkdir()
-    done = subprocess.run(["mount", "-o", "loop", str(image), str(point)],
-                          capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        pytest.skip(f"cannot loop-mount here: {done.stderr.strip()}")
-    try:
-        yield point
-    finally:
-        subprocess.run(["umount", str(point)], capture_output=True, timeout=60)
-
-
-@pytest.mark.parametrize("mkfs, protocol", [
-    (["mkfs.ext4", "-q", "-F"], durable.JOURNAL),
-    (["mkfs.ext4", "-q", "-F", "-O", "^has_journal"], durable.STRICT),
-    (["mkfs.xfs", "-q", "-f"], durable.JOURNAL),
-], ids=["ext4", "ext4-nojournal", "xfs"])
-def test_detected_on_real_filesystems(tmp_path, mkfs, protocol):
+    if not support.have(disk.MKFS[fstype][0]):
+        pytest.skip(f"{disk.MKFS[fstype][0]} not installed")
     # a space in the mount point: /proc/self/mountinfo writes it \040
-    with mounted(tmp_path, "spool fs", mkfs) as point:
-        spool = Spool(point / "spool", ["incoming"])
-        assert spool.protocol.name == protocol, spool.protocol
-        assert spool.protocol.fstype == mkfs[0].split(".")[1]
-        # and the protocol commits there: the file is whole in its stage
-        qid = spool.deposit("incoming", b"x" * 5000)
-        assert (point / "spool" / "incoming" / qid).read_bytes() == b"x" * 5000
-        assert list(spool.names("tmp")) == []
+    try:
+        with disk.loop_filesystem(tmp_path, fstype, 300, name="spool fs") as point:
+            spool = Spool(point / "spool", ["incoming"])
+            assert spool.protocol.name == protocol, spool.protocol
+            assert spool.protocol.fstype == fstype.split("-")[0]
+            # and the protocol commits there: the file is whole in its stage
+            qid = spool.deposit("incoming", b"x" * 5000)
+            assert (point / "spool" / "incoming" / qid).read_bytes() == b"x" * 5000
+            assert list(spool.names("tmp")) == []
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"cannot make or loop-mount {fstype} here: {exc.stderr!r}")
 
 
 MOVES = r"""
