@@ -127,15 +127,15 @@ class _SpillBuffer:
 
     def __init__(self, directory: str):
         self.directory = directory
-        self.mem: io.BytesIO | None = io.BytesIO()
-        self.file: BinaryIO | None = None
+        self.buf: BinaryIO = io.BytesIO()
+        self.spilled = False
 
     def write(self, data: bytes) -> None:
-        if self.mem is not None and self.mem.tell() + len(data) > MEMORY_BUFFER:
-            self.file = self._spill_file()
-            self.file.write(self.mem.getvalue())
-            self.mem = None
-        (self.mem if self.mem is not None else self.file).write(data)
+        if not self.spilled and self.buf.tell() + len(data) > MEMORY_BUFFER:
+            spill = self._spill_file()
+            spill.write(self.buf.getvalue())
+            self.buf, self.spilled = spill, True
+        self.buf.write(data)
 
     def _spill_file(self) -> BinaryIO:
         try:
@@ -148,18 +148,16 @@ class _SpillBuffer:
         return os.fdopen(fd, "w+b")
 
     def seek(self, offset: int) -> None:
-        (self.mem if self.mem is not None else self.file).seek(offset)
+        self.buf.seek(offset)
 
     def read(self, n: int) -> bytes:
-        return (self.mem if self.mem is not None else self.file).read(n)
+        return self.buf.read(n)
 
     def __enter__(self) -> "_SpillBuffer":
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.file is not None:
-            self.file.close()
-        self.mem = self.file = None
+        self.buf.close()
 
 
 def deposit(spool: Spool, env: Envelope, chunks: Iterable[bytes], max_size: int,
