@@ -82,14 +82,14 @@ class Protocol:
         return f"commit protocol {self.name} ({self.reason})"
 
 
-def _mount_of(path: str) -> tuple[str, str, str]:
-    """(fstype, mount source, super options) of the filesystem holding
+def _mount_of(path: str) -> tuple[str, set[str]]:
+    """(fstype, super options) of the filesystem holding
     ``path``: the mountinfo line whose device number is the path's, the
     longest mount point under which the path lies if several match."""
     st = os.stat(path)
     dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
     real = os.path.realpath(path)
-    best: tuple[int, tuple[str, str, str]] | None = None
+    best: tuple[int, tuple[str, set[str]]] | None = None
     with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
         for line in f:
             left, sep, right = line.partition(" - ")
@@ -100,13 +100,12 @@ def _mount_of(path: str) -> tuple[str, str, str]:
                 .replace("\\012", "\n").replace("\\134", "\\")
             if real != point and not real.startswith(point.rstrip("/") + "/"):
                 continue
-            tail = right.split()
-            found = (tail[0], tail[1] if len(tail) > 1 else "",
-                     tail[2] if len(tail) > 2 else "")
+            tail = right.split()       # fstype, source, super options
+            found = (tail[0], set(tail[2].split(",")) if len(tail) > 2 else set())
             if best is None or len(point) > best[0]:
                 best = (len(point), found)
     if best is None:
-        return ("unknown", "", "")
+        return ("unknown", set())
     return best[1]
 
 
@@ -139,16 +138,16 @@ def kernel_reports_syncfs_errors(release: str | None = None) -> bool:
 def choose(path: str, mode: str = "auto") -> Protocol:
     """The protocol for a spool at ``path`` under ``[spool] sync = mode``."""
     try:
-        fstype, _source, options = _mount_of(path)
+        fstype, options = _mount_of(path)
     except OSError:
-        fstype, options = "unknown", ""
+        fstype, options = "unknown", set()
     if mode == STRICT:
         return Protocol(STRICT, fstype, f"{fstype}: [spool] sync = strict")
     if not kernel_reports_syncfs_errors():
         return Protocol(STRICT, fstype,
                         f"{fstype}: Linux {os.uname().release} is older than 5.8, "
                         "syncfs(2) does not report write errors")
-    if "nobarrier" in options.split(",") or "barrier=0" in options.split(","):
+    if {"nobarrier", "barrier=0"} & options:
         return Protocol(STRICT, fstype, f"{fstype}: mounted nobarrier")
     if fstype in _NO_DURABILITY:
         return Protocol(JOURNAL, fstype, f"{fstype}: in memory, nothing survives a reboot")
