@@ -21,6 +21,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from spool import durable
+
 DEFAULT_PATH = "/etc/msa/msa.toml"
 
 # The spool's fixed stages, in the order a message moves through them.
@@ -282,8 +284,9 @@ def from_dict(data: dict[str, Any], base: str = ".") -> Config:
                 raise ConfigError(f"{section}.{key}: expected {type(default).__name__}, "
                                   f"got {type(value).__name__}")
             setattr(sub, key, value)
-    if cfg.spool.sync not in ("auto", "strict"):
-        raise ConfigError(f"spool.sync: expected \"auto\" or \"strict\", got {cfg.spool.sync!r}")
+    if cfg.spool.sync not in durable.MODES:
+        words = " or ".join(f'"{m}"' for m in durable.MODES)
+        raise ConfigError(f"spool.sync: expected {words}, got {cfg.spool.sync!r}")
     for section, key in _PATH_KEYS:
         sub = getattr(cfg, section)
         value = getattr(sub, key)
